@@ -1,0 +1,194 @@
+"""Input checking shared by every loss: one place that turns user tensors into (M, C) rows or says why not.
+
+Cheap checks (ranks, shapes, dtypes, devices) always run. Checks that must read tensor values (class
+indices in range, finite logits, soft targets that are distributions) run when ``validate`` is True, or,
+with the default ``validate=None``, whenever the tensors live on the CPU, where reading them forces no
+device synchronisation. See docs/bad-input.md for the full table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass
+class Rows:
+    """A batch flattened to rows: ``x`` (M, C) and either ``hard`` (M,) class indices or ``soft`` (M, C).
+
+    ``keep`` (M,) is a float mask of rows that count (0 where the target is ``ignore_index``) or None when
+    every row counts; ``out_shape`` is the shape of the unreduced loss, ``(N, d1, ..., dk)``.
+    """
+
+    x: Tensor
+    hard: Tensor | None
+    soft: Tensor | None
+    keep: Tensor | None
+    out_shape: tuple[int, ...]
+
+
+def sum_tolerance(num_classes: int, dtype: torch.dtype) -> float:
+    """How far a distribution's sum may be from 1: ``1e-4 + 10 * sqrt(C) * eps(dtype)``.
+
+    That is a few times the rounding error of summing C float values, with a floor of 1e-4; for float16 and
+    bfloat16 it is about 0.01-0.1.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return 1e-4 + 10.0 * (num_classes**0.5) * eps
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_rho(rho: float) -> float:
+    try:
+        rho_f = float(rho)
+    except (TypeError, ValueError):
+        raise TypeError(f"rho must be a real number >= 1, got {rho!r}") from None
+    if not (rho_f >= 1.0) or rho_f == float("inf"):
+        raise ValueError(f"rho must be a finite number >= 1 (1: exact EMD, 2: relaxed), got {rho!r}")
+    return rho_f
+
+
+def should_validate(validate: bool | None, *tensors: Tensor) -> bool:
+    if validate is None:
+        return all(t.device.type == "cpu" for t in tensors)
+    return bool(validate)
+
+
+def to_rows(
+    input: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    from_logits: bool,
+    ignore_index: int,
+    validate: bool | None,
+    device: torch.device | None = None,
+) -> Rows:
+    """Check ``input``/``target`` against ``torch.nn.CrossEntropyLoss`` conventions and flatten them.
+
+    Args:
+        input: (N, C) or (N, C, d1, ..., dk) floating logits (or probabilities if not ``from_logits``).
+        target: (N,) / (N, d1, ..., dk) integer class indices, or a floating tensor of ``input``'s shape.
+        num_classes: C expected by the tree or cost matrix.
+        device: the device of the tree's index tensors, when the caller has them placed already.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        kind = "complex" if input.dtype.is_complex else ("integer" if not input.dtype.is_floating_point else "")
+        raise TypeError(
+            f"input must be a floating tensor (float16, bfloat16, float32 or float64), got {kind + ' ' if kind else ''}"
+            f"dtype {input.dtype}; cast it with input.float()"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"input must have shape (N, C) or (N, C, d1, ..., dk) with C = {num_classes}, got shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != num_classes:
+        raise ValueError(
+            f"input has {input.shape[1]} classes along dim 1 (shape {tuple(input.shape)}), but the tree has "
+            f"{num_classes} classes"
+        )
+    if target.device != input.device:
+        raise ValueError(f"input is on {input.device} but target is on {target.device}; move them to one device")
+    if device is not None and torch.device(device) != input.device and not _same_device(device, input.device):
+        raise ValueError(
+            f"input is on {input.device} but the loss's tree tensors are on {device}; call loss.to({str(input.device)!r})"
+        )
+
+    n = input.shape[0]
+    spatial = tuple(input.shape[2:])
+    out_shape = (n, *spatial)
+    x = input.movedim(1, -1).reshape(-1, num_classes) if spatial else input
+    values = should_validate(validate, input)
+
+    if target.dtype.is_floating_point:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"soft (floating) target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}; "
+                "class-index targets must be an integer tensor"
+            )
+        soft = target.movedim(1, -1).reshape(-1, num_classes) if spatial else target
+        if values:
+            _check_distribution(soft, "target")
+        rows = Rows(x=x, hard=None, soft=soft, keep=None, out_shape=out_shape)
+    elif target.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if target.shape != out_shape:
+            raise ValueError(
+                f"class-index target must have shape {out_shape} for input of shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        hard = target.reshape(-1).long()
+        ignored = hard == ignore_index
+        if values and hard.numel():
+            bad = ((hard < 0) | (hard >= num_classes)) & ~ignored
+            if bool(bad.any()):
+                first = int(hard[bad][0])
+                raise ValueError(
+                    f"target contains class index {first}, outside [0, {num_classes}) (and not ignore_index={ignore_index})"
+                )
+        keep = (~ignored).to(torch.float32)
+        hard = torch.where(ignored, torch.zeros((), dtype=hard.dtype, device=hard.device), hard)
+        rows = Rows(x=x, hard=hard, soft=None, keep=keep, out_shape=out_shape)
+    else:
+        raise TypeError(
+            f"target must be integer class indices (int64) or a floating distribution, got dtype {target.dtype}"
+        )
+
+    if values and x.numel():
+        if not from_logits:
+            _check_distribution(x, "input (probabilities, from_logits=False)")
+        elif not bool(torch.isfinite(x).all()):
+            raise ValueError("input contains NaN or infinite logits")
+    return rows
+
+
+def _same_device(a: torch.device | str, b: torch.device) -> bool:
+    a = torch.device(a)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_distribution(t: Tensor, name: str) -> None:
+    """Rows of ``t`` must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`."""
+    if t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} has negative entries (min {float(t.min()):.3g}); it must be a distribution")
+    sums = t.sum(dim=-1, dtype=torch.float64)
+    tol = sum_tolerance(t.shape[-1], t.dtype)
+    worst = float((sums - 1).abs().max())
+    if worst > tol:
+        raise ValueError(
+            f"{name} rows must sum to 1 (tolerance {tol:.2g}); the worst row is off by {worst:.3g}"
+        )
+
+
+def reduce(loss: Tensor, keep: Tensor | None, reduction: str, out_shape: tuple[int, ...]) -> Tensor:
+    """Apply ``reduction`` to per-row losses (M,), ignoring rows where ``keep`` is 0.
+
+    Matches ``CrossEntropyLoss``: "mean" divides by the number of kept rows (NaN when none is kept),
+    "sum" adds them (0 when none), "none" returns ``out_shape`` with 0 at ignored positions.
+    """
+    dtype = loss.dtype
+    if keep is not None:
+        loss = loss * keep.to(dtype)
+    if reduction == "none":
+        return loss.reshape(out_shape)
+    total = loss.sum(dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    if reduction == "sum":
+        return total.to(dtype)
+    count = keep.sum() if keep is not None else torch.tensor(float(loss.numel()), device=loss.device)
+    return (total / count.to(total.dtype)).to(dtype)

@@ -1,0 +1,79 @@
+"""``nn.Module`` wrappers: drop-in replacements for ``nn.CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import _checks
+from .functional import emd
+from .tree import Tree
+
+__all__ = ["EMDLoss"]
+
+
+class EMDLoss(nn.Module):
+    r"""Exact (``rho=1``) or relaxed (``rho>1``) Earth Mover's Distance on a tree, as a loss.
+
+    ``loss = sum_e w_e |p(below e) - q(below e)|^rho`` per sample; see :func:`emdloss.functional.emd`
+    for shapes and arguments. The tree travels in ``state_dict`` (as its JSON dict, in the module's
+    extra state) and with pickling, so a saved criterion comes back with the same hierarchy.
+
+    Example::
+
+        tree = emdloss.Tree.chain(10)                  # 10 ordered classes
+        criterion = emdloss.EMDLoss(tree, rho=2.0)     # relaxed EMD
+        loss = criterion(logits, labels)               # logits (N, 10), labels (N,)
+    """
+
+    def __init__(
+        self,
+        tree: Tree,
+        rho: float = 1.0,
+        from_logits: bool = True,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        validate: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(tree, Tree):
+            raise TypeError(f"tree must be an emdloss.Tree, got {type(tree).__name__}")
+        self.tree = tree
+        self.rho = _checks.check_rho(rho)
+        _checks.check_reduction(reduction)
+        self.from_logits = bool(from_logits)
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.validate = validate
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return emd(
+            input,
+            target,
+            self.tree,
+            rho=self.rho,
+            from_logits=self.from_logits,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            backend=self.backend,
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tree": self.tree.to_dict(), "rho": self.rho}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        loaded = Tree.from_dict(state["tree"])
+        if loaded != self.tree:
+            raise ValueError(
+                "state_dict holds a different tree than this EMDLoss "
+                f"({loaded!r} vs {self.tree!r}); build the loss with the saved tree: Tree.from_dict(state['tree'])"
+            )
+        self.rho = float(state.get("rho", self.rho))
+
+    def extra_repr(self) -> str:
+        return f"{self.tree!r}, rho={self.rho}, from_logits={self.from_logits}, reduction={self.reduction!r}"
+

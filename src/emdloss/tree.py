@@ -1,0 +1,550 @@
+"""`Tree`: an immutable, validated class hierarchy with weighted edges.
+
+A tree has ``num_nodes`` nodes with integer ids ``0 .. num_nodes - 1``. ``parents[i]`` is the parent of
+node ``i`` (``-1`` for the single root) and ``weights[i] >= 0`` is the length of the edge from ``i`` to its
+parent (``weights[root]`` is stored as 0 and never used). ``classes[k]`` is the node that output ``k`` of a
+model stands for; classes may be leaves or internal nodes.
+
+For the O(nodes) algorithms the tree also keeps its depth-first pre-order: ``preorder[k]`` is the node at
+DFS position ``k``, and the subtree of the node at position ``k`` is exactly positions
+``[k, subtree_end[k])``. The edge above the node at position ``k > 0`` therefore separates the mass at
+positions ``[k, subtree_end[k])`` from the rest. See docs/algorithm.md.
+
+This module knows nothing of torch: everything here is numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Tree", "TreeError"]
+
+_FORMAT = "emdloss.Tree"
+_VERSION = 1
+_DICT_KEYS = {"format", "version", "parents", "weights", "names", "classes"}
+
+
+class TreeError(ValueError):
+    """A hierarchy that is not a valid tree (cycle, several roots, bad weight, unknown class ...)."""
+
+
+def _as_int_array(values: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values)
+    except Exception as exc:  # ragged lists and the like
+        raise TreeError(f"{what} must be a 1-D sequence of integers: {exc}") from None
+    if arr.ndim != 1:
+        raise TreeError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TreeError(f"{what} must contain integers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise TreeError(f"{what} must contain integers, got non-integral values")
+    return arr.astype(np.int64)
+
+
+class Tree:
+    """An immutable rooted tree over ``num_nodes`` nodes whose ``classes`` are the model's outputs.
+
+    Build one with :meth:`from_parents`, :meth:`from_edges`, :meth:`chain` or :meth:`load`. All arrays
+    exposed by the tree are read-only numpy views.
+
+    Attributes:
+        parents: (num_nodes,) int64, ``-1`` at the root.
+        weights: (num_nodes,) float64 edge lengths to the parent (0 at the root).
+        classes: (num_classes,) int64 node id of each output, in output order.
+        names: tuple of node names, or ``None``.
+        root: the id of the root node.
+        preorder: (num_nodes,) node id at each DFS pre-order position.
+        position: (num_nodes,) DFS position of each node (inverse of ``preorder``).
+        subtree_end: (num_nodes,) for DFS position ``k``, the end (exclusive) of its subtree's range.
+        edge_nodes: (num_edges,) the child node of each edge, in increasing node id. Column ``j`` of
+            :func:`emdloss.functional.flows` is the edge from ``edge_nodes[j]`` to its parent.
+    """
+
+    __slots__ = (
+        "parents",
+        "weights",
+        "classes",
+        "names",
+        "root",
+        "preorder",
+        "position",
+        "subtree_end",
+        "edge_nodes",
+        "_depth",
+        "_dist_cache",
+        "_hash",
+        "_derived",
+    )
+
+    def __init__(
+        self,
+        parents: Sequence[int] | np.ndarray,
+        weights: Sequence[float] | np.ndarray | None = None,
+        names: Sequence[str] | None = None,
+        classes: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        parents_arr = _as_int_array(parents, "parents")
+        n = parents_arr.size
+        if n == 0:
+            raise TreeError("a tree needs at least one node; parents is empty")
+        bad = np.flatnonzero((parents_arr < -1) | (parents_arr >= n))
+        if bad.size:
+            i = int(bad[0])
+            raise TreeError(
+                f"parents[{i}] = {int(parents_arr[i])} is out of range: parents must be -1 (root) or a node id in [0, {n})"
+            )
+        self_loops = np.flatnonzero(parents_arr == np.arange(n))
+        if self_loops.size:
+            raise TreeError(f"cycle: node {int(self_loops[0])} is its own parent")
+        roots = np.flatnonzero(parents_arr == -1)
+        if roots.size == 0:
+            raise TreeError("no root: exactly one node must have parent -1 (the hierarchy has a cycle or no top)")
+        if roots.size > 1:
+            shown = ", ".join(str(int(r)) for r in roots[:5])
+            raise TreeError(f"several roots: {roots.size} nodes have parent -1 ({shown}{', ...' if roots.size > 5 else ''})")
+        root = int(roots[0])
+
+        if weights is None:
+            weights_arr = np.ones(n, dtype=np.float64)
+        else:
+            try:
+                weights_arr = np.asarray(weights, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise TreeError(f"weights must be a 1-D sequence of numbers: {exc}") from None
+            if weights_arr.shape != (n,):
+                raise TreeError(f"weights must have one entry per node ({n}), got shape {weights_arr.shape}")
+            weights_arr = weights_arr.copy()
+        weights_arr[root] = 0.0
+        nonfinite = np.flatnonzero(~np.isfinite(weights_arr))
+        if nonfinite.size:
+            i = int(nonfinite[0])
+            raise TreeError(f"weights must be finite: weights[{i}] = {weights_arr[i]}")
+        negative = np.flatnonzero(weights_arr < 0)
+        if negative.size:
+            i = int(negative[0])
+            raise TreeError(f"weights must be >= 0: weights[{i}] = {weights_arr[i]}")
+
+        if names is not None:
+            if isinstance(names, (str, bytes)):
+                raise TreeError("names must be a sequence of strings, one per node, not a single string")
+            names_t = tuple(names)
+            if len(names_t) != n:
+                raise TreeError(f"names must have one entry per node ({n}), got {len(names_t)}")
+            for i, name in enumerate(names_t):
+                if not isinstance(name, str):
+                    raise TreeError(f"names[{i}] must be a str, got {type(name).__name__}")
+            if len(set(names_t)) != n:
+                seen: set[str] = set()
+                for name in names_t:
+                    if name in seen:
+                        raise TreeError(f"duplicate name: {name!r} names more than one node")
+                    seen.add(name)
+            names = names_t
+
+        preorder, subtree_size = _dfs_preorder(parents_arr, root)
+        if preorder.size != n:
+            reached = np.zeros(n, dtype=bool)
+            reached[preorder] = True
+            lost = int(np.flatnonzero(~reached)[0])
+            cycle = _find_cycle(parents_arr, lost)
+            label = (lambda v: f"{v} ({names[v]!r})") if names is not None else str
+            if cycle:
+                raise TreeError("cycle in the hierarchy: " + " -> ".join(label(v) for v in cycle + cycle[:1]))
+            raise TreeError(f"node {label(lost)} is not reachable from the root {label(root)}")  # pragma: no cover
+
+        position = np.empty(n, dtype=np.int64)
+        position[preorder] = np.arange(n, dtype=np.int64)
+        subtree_end = np.arange(n, dtype=np.int64) + subtree_size[preorder]
+
+        if classes is None:
+            is_leaf = np.ones(n, dtype=bool)
+            is_leaf[parents_arr[parents_arr >= 0]] = False
+            classes_arr = np.flatnonzero(is_leaf).astype(np.int64)
+        else:
+            classes_arr = _as_int_array(classes, "classes")
+            if classes_arr.size == 0:
+                raise TreeError("classes is empty: a tree needs at least one class")
+            bad = np.flatnonzero((classes_arr < 0) | (classes_arr >= n))
+            if bad.size:
+                k = int(bad[0])
+                raise TreeError(f"classes[{k}] = {int(classes_arr[k])} is out of range: node ids are in [0, {n})")
+            uniq, counts = np.unique(classes_arr, return_counts=True)
+            if uniq.size != classes_arr.size:
+                raise TreeError(f"classes are repeated: node {int(uniq[counts > 1][0])} appears more than once")
+
+        depth = np.zeros(n, dtype=np.float64)  # weighted depth, filled in pre-order (parent first)
+        pre_parent = parents_arr[preorder[1:]]
+        for_w = weights_arr[preorder[1:]]
+        # depth[v] = depth[parent] + w[v]; in pre-order the parent is always visited first.
+        _fill_depth(depth, preorder, pre_parent, for_w)
+
+        for name, arr in (
+            ("parents", parents_arr),
+            ("weights", weights_arr),
+            ("classes", classes_arr),
+            ("preorder", preorder),
+            ("position", position),
+            ("subtree_end", subtree_end),
+            ("_depth", depth),
+        ):
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        edge_nodes = np.flatnonzero(parents_arr >= 0).astype(np.int64)
+        edge_nodes.setflags(write=False)
+        object.__setattr__(self, "edge_nodes", edge_nodes)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "root", root)
+        object.__setattr__(self, "_dist_cache", None)
+        object.__setattr__(self, "_hash", None)
+        # Backends cache their own index arrays here (e.g. tensors per device); never part of equality.
+        object.__setattr__(self, "_derived", {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Tree is immutable; cannot set {name!r}")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_parents(
+        cls,
+        parents: Sequence[int] | np.ndarray,
+        weights: Sequence[float] | np.ndarray | None = None,
+        names: Sequence[str] | None = None,
+        classes: Sequence[int] | np.ndarray | None = None,
+    ) -> Tree:
+        """Build from a parent array: ``parents[i]`` is the parent of node ``i``, ``-1`` for the root.
+
+        Args:
+            parents: (num_nodes,) integers.
+            weights: (num_nodes,) finite, non-negative length of the edge from ``i`` to its parent
+                (default 1; the root's entry is ignored).
+            names: optional unique string per node.
+            classes: node ids of the model's outputs, in output order (default: the leaves in
+                increasing node id). Internal nodes are allowed (coarse labels).
+        """
+        return cls(parents, weights=weights, names=names, classes=classes)
+
+    @classmethod
+    def from_edges(
+        cls,
+        edges: Iterable[tuple[str, str]],
+        classes: Sequence[str],
+        weights: Sequence[float] | Mapping[tuple[str, str], float] | None = None,
+    ) -> Tree:
+        """Build from ``(parent_name, child_name)`` pairs; ``classes`` are names, in output order.
+
+        ``weights`` is either a sequence aligned with ``edges`` or a mapping ``(parent, child) -> length``
+        (missing edges get 1). Node ids are assigned in order of first appearance.
+        """
+        edge_list = [tuple(e) for e in edges]
+        ids: dict[str, int] = {}
+        for k, edge in enumerate(edge_list):
+            if len(edge) != 2:
+                raise TreeError(f"edges[{k}] must be a (parent, child) pair, got {edge!r}")
+            for name in edge:
+                if not isinstance(name, str):
+                    raise TreeError(f"edges[{k}] has a non-string name {name!r}")
+                if name not in ids:
+                    ids[name] = len(ids)
+        if isinstance(classes, str):
+            raise TreeError("classes must be a sequence of node names, not a single string")
+        class_list = list(classes)
+        if not edge_list and len(class_list) == 1:
+            ids[class_list[0]] = 0  # a single-node tree
+        n = len(ids)
+        parents = np.full(n, -1, dtype=np.int64)
+        w = np.ones(n, dtype=np.float64)
+        if weights is not None and not isinstance(weights, Mapping):
+            weights = list(weights)
+            if len(weights) != len(edge_list):
+                raise TreeError(f"weights must have one entry per edge ({len(edge_list)}), got {len(weights)}")
+        for k, (parent, child) in enumerate(edge_list):
+            c, p = ids[child], ids[parent]
+            if parents[c] != -1:
+                if parents[c] == p:
+                    raise TreeError(f"duplicate edge: ({parent!r}, {child!r}) appears more than once")
+                other = next(name for name, i in ids.items() if i == parents[c])
+                raise TreeError(
+                    f"node {child!r} has several parents ({other!r} and {parent!r}); a tree needs exactly one. "
+                    "For DAGs such as WordNet use emdloss.hierarchies, which resolves them by a documented policy"
+                )
+            parents[c] = p
+            if weights is not None:
+                w[c] = weights.get((parent, child), 1.0) if isinstance(weights, Mapping) else weights[k]
+        names = [""] * n
+        for name, i in ids.items():
+            names[i] = name
+        class_ids = []
+        for k, name in enumerate(class_list):
+            if name not in ids:
+                raise TreeError(f"unknown class name: classes[{k}] = {name!r} is not a node of the edges")
+            class_ids.append(ids[name])
+        return cls(parents, weights=w, names=names, classes=np.asarray(class_ids, dtype=np.int64))
+
+    @classmethod
+    def chain(cls, n: int, spacing: Sequence[float] | np.ndarray | None = None) -> Tree:
+        """``n`` ordered classes on a path: class ``i`` and ``i + 1`` are ``spacing[i]`` apart (default 1).
+
+        Node ``i`` is class ``i``; node 0 is the root. EMD on this tree is ``sum_i spacing[i] *
+        |CDF_p(i) - CDF_q(i)|``, the 1-D Wasserstein-1 distance between histograms.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise TreeError(f"chain length n must be a positive integer, got {n!r}")
+        n = int(n)
+        parents = np.arange(-1, n - 1, dtype=np.int64)
+        weights = np.ones(n, dtype=np.float64)
+        if spacing is not None:
+            sp = np.asarray(spacing, dtype=np.float64)
+            if sp.shape != (n - 1,):
+                raise TreeError(f"spacing must have n - 1 = {n - 1} entries, got shape {sp.shape}")
+            weights[1:] = sp
+        return cls(parents, weights=weights, classes=np.arange(n, dtype=np.int64))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_nodes(self) -> int:
+        return int(self.parents.size)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classes.size)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.parents.size) - 1
+
+    @property
+    def is_chain(self) -> bool:
+        """True when the tree is a path whose classes are its nodes in path order (ordinal classes)."""
+        n = self.num_nodes
+        return bool(
+            self.num_classes == n and np.array_equal(self.classes, self.preorder) and np.all(self.subtree_end == n)
+        )
+
+    def depth(self) -> np.ndarray:
+        """(num_nodes,) weighted distance of each node from the root."""
+        return self._depth
+
+    def distance_matrix(self) -> np.ndarray:
+        """(num_classes, num_classes) float64 tree metric: the length of the path between two classes.
+
+        Computed as ``depth[a] + depth[b] - 2 * depth[lca(a, b)]``, where the shared depth is the
+        weight of the edges above both classes. Cost O(C^2 * depth) time, O(C^2) memory; cached.
+        """
+        if self._dist_cache is None:
+            d = _class_distances(self)
+            d.setflags(write=False)
+            object.__setattr__(self, "_dist_cache", d)
+        return self._dist_cache
+
+    def lca_depth(self, hops: bool = True) -> np.ndarray:
+        """(C, C) depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted)."""
+        return _class_shared_depth(self, weighted=not hops)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` inverts it exactly."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "parents": self.parents.tolist(),
+            "weights": self.weights.tolist(),
+            "names": list(self.names) if self.names is not None else None,
+            "classes": self.classes.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tree:
+        """Rebuild a tree from :meth:`to_dict` output, validating every field."""
+        if not isinstance(data, Mapping):
+            raise TreeError(f"a tree dict must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - _DICT_KEYS
+        if unknown:
+            raise TreeError(f"unknown keys in tree dict: {sorted(unknown)}; expected {sorted(_DICT_KEYS)}")
+        if data.get("format", _FORMAT) != _FORMAT:
+            raise TreeError(f"not an emdloss tree: format is {data.get('format')!r}, expected {_FORMAT!r}")
+        version = data.get("version", _VERSION)
+        if version != _VERSION:
+            raise TreeError(f"unsupported tree format version {version!r}; this emdloss reads version {_VERSION}")
+        missing = {"parents", "classes"} - set(data)
+        if missing:
+            raise TreeError(f"tree dict is missing required keys: {sorted(missing)}")
+        weights = data.get("weights")
+        if weights is not None and any(w is None for w in weights):
+            raise TreeError("weights must be numbers; found null (NaN and infinity are not valid JSON weights)")
+        return cls(data["parents"], weights=weights, names=data.get("names"), classes=data["classes"])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tree as JSON, atomically (a temporary file in the same folder, then a rename)."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tree:
+        """Read a tree written by :meth:`save`. Plain JSON only: loading never executes code."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise TreeError(f"{path}: malformed or truncated tree JSON ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise TreeError(f"{path}: tree JSON is not valid UTF-8 ({exc})") from None
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------ dunder
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tree):
+            return NotImplemented
+        return (
+            np.array_equal(self.parents, other.parents)
+            and np.array_equal(self.weights, other.weights)
+            and np.array_equal(self.classes, other.classes)
+            and self.names == other.names
+        )
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            h = hash((self.parents.tobytes(), self.weights.tobytes(), self.classes.tobytes(), self.names))
+            object.__setattr__(self, "_hash", h)
+        return self._hash
+
+    def __repr__(self) -> str:
+        kind = "chain" if self.is_chain else "tree"
+        return f"Tree({kind}, num_nodes={self.num_nodes}, num_classes={self.num_classes})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Tree, (self.parents, self.weights, self.names, self.classes))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _reject_constant(name: str) -> float:
+    raise TreeError(f"tree JSON contains {name}, which is not a valid weight")
+
+
+def _dfs_preorder(parents: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative DFS pre-order from ``root`` (children in increasing id) and subtree sizes per node.
+
+    Returns ``(preorder, size)``; ``preorder`` is shorter than ``parents`` when some nodes are not
+    reachable (they lie on or below a cycle). No recursion, so 10^6-deep chains are fine.
+    """
+    n = parents.size
+    child_mask = parents >= 0
+    kids = np.flatnonzero(child_mask)
+    order = np.argsort(parents[kids], kind="stable")
+    children = kids[order]  # grouped by parent, increasing child id within a group
+    counts = np.bincount(parents[kids], minlength=n)
+    start = np.concatenate(([0], np.cumsum(counts)))
+    if np.array_equal(parents, np.arange(-1, n - 1)):  # fast path: a chain rooted at 0
+        preorder = np.arange(n, dtype=np.int64)
+        size = np.arange(n, 0, -1, dtype=np.int64)
+        return preorder, size
+    children_l = children.tolist()
+    start_l = start.tolist()
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        v = stack.pop()
+        out.append(v)
+        s, e = start_l[v], start_l[v + 1]
+        if e > s:
+            stack.extend(reversed(children_l[s:e]))
+    preorder = np.asarray(out, dtype=np.int64)
+    size = np.ones(n, dtype=np.int64)
+    if preorder.size == n:
+        # children follow parents in pre-order, so a reverse sweep accumulates subtree sizes.
+        rev = preorder[::-1][:-1]
+        par = parents[rev]
+        size_l = size.tolist()
+        for v, p in zip(rev.tolist(), par.tolist()):
+            size_l[p] += size_l[v]
+        size = np.asarray(size_l, dtype=np.int64)
+    return preorder, size
+
+
+def _fill_depth(depth: np.ndarray, preorder: np.ndarray, pre_parent: np.ndarray, pre_w: np.ndarray) -> None:
+    """depth[v] = depth[parent(v)] + w[v] for v in pre-order (parents come first)."""
+    d = depth.tolist()
+    for v, p, w in zip(preorder[1:].tolist(), pre_parent.tolist(), pre_w.tolist()):
+        d[v] = d[p] + w
+    depth[:] = d
+
+
+def _find_cycle(parents: np.ndarray, start: int) -> list[int]:
+    """Follow parent pointers from ``start`` until a node repeats; return the cycle (or [] at a root)."""
+    seen: dict[int, int] = {}
+    path: list[int] = []
+    v = start
+    while v != -1 and v not in seen:
+        seen[v] = len(path)
+        path.append(v)
+        v = int(parents[v])
+    return [] if v == -1 else path[seen[v] :]
+
+
+def _class_shared_depth(tree: Tree, weighted: bool) -> np.ndarray:
+    """(C, C) depth of the lowest common ancestor of every pair of classes (weighted or in hops).
+
+    For class a, walk its ancestors from the root down and paint each ancestor's DFS range with that
+    ancestor's depth: deeper ancestors overwrite shallower ones, so every position ends up holding the
+    depth of its LCA with a. Cost O(sum over classes of the ranges painted) <= O(C * depth * nodes), in
+    practice O(C * nodes).
+    """
+    n = tree.num_nodes
+    depth = tree.depth() if weighted else _hop_depth(tree)
+    pos = tree.position
+    end = tree.subtree_end
+    class_pos = pos[tree.classes]
+    out = np.empty((tree.num_classes, tree.num_classes), dtype=np.float64)
+    painted = np.empty(n, dtype=np.float64)
+    parents = tree.parents
+    for k, a in enumerate(tree.classes.tolist()):
+        path = []
+        v = a
+        while v != -1:
+            path.append(v)
+            v = int(parents[v])
+        painted.fill(0.0)
+        for v in reversed(path):
+            lo = pos[v]
+            painted[lo : end[lo]] = depth[v]
+        out[k] = painted[class_pos]
+    return out
+
+
+def _hop_depth(tree: Tree) -> np.ndarray:
+    """(num_nodes,) number of edges between each node and the root."""
+    hops = np.zeros(tree.num_nodes, dtype=np.float64)
+    _fill_depth(hops, tree.preorder, tree.parents[tree.preorder[1:]], np.ones(tree.num_nodes - 1))
+    return hops
+
+
+def _class_distances(tree: Tree) -> np.ndarray:
+    shared = _class_shared_depth(tree, weighted=True)
+    depth = tree.depth()[tree.classes]
+    d = depth[:, None] + depth[None, :] - 2.0 * shared
+    np.maximum(d, 0.0, out=d)  # clean -0 and rounding
+    np.fill_diagonal(d, 0.0)
+    return d
