@@ -163,6 +163,7 @@ def _check_distribution(t: Tensor, name: str) -> None:
     """Rows of ``t`` must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`."""
     if t.numel() == 0:
         return
+    t = t.detach()
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     if bool((t < 0).any()):
