@@ -149,7 +149,7 @@ def to_rows(
     if values and x.numel():
         if not from_logits:
             _check_distribution(x, "input (probabilities, from_logits=False)")
-        elif not bool(torch.isfinite(x).all()):
+        elif not _all_finite(x):
             raise ValueError("input contains NaN or infinite logits")
     return rows
 
@@ -159,16 +159,26 @@ def _same_device(a: torch.device | str, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """True if every entry is finite. One fast reduction; the exact elementwise test only if its sum is not
+    finite (which a NaN/inf forces, and overflow of huge finite values may cause)."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def _check_distribution(t: Tensor, name: str) -> None:
     """Rows of ``t`` must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`."""
     if t.numel() == 0:
         return
     t = t.detach()
-    if not bool(torch.isfinite(t).all()):
+    # Two reductions, no (N, C) temporaries: a NaN/inf anywhere makes its row sum non-finite.
+    sums = t.sum(dim=-1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(sums).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} has negative entries (min {float(t.min()):.3g}); it must be a distribution")
-    sums = t.sum(dim=-1, dtype=torch.float64)
+    low = float(t.amin())
+    if low < 0:
+        raise ValueError(f"{name} has negative entries (min {low:.3g}); it must be a distribution")
     tol = sum_tolerance(t.shape[-1], t.dtype)
     worst = float((sums - 1).abs().max())
     if worst > tol:
