@@ -59,7 +59,9 @@ def check_rho(rho: float) -> float:
 
 def should_validate(validate: bool | None, *tensors: Tensor) -> bool:
     if validate is None:
-        return all(t.device.type == "cpu" for t in tensors)
+        # value checks are data-dependent control flow, which torch.func.vmap cannot trace
+        functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+        return not functorch and all(t.device.type == "cpu" for t in tensors)
     return bool(validate)
 
 

@@ -103,24 +103,41 @@ def edge_cost_grad(f: Tensor, w: Tensor, rho: float) -> Tensor:
 
 
 class TreeEMDFunction(torch.autograd.Function):
-    """``d (N, C) -> sum_e w_e |f_e(d)|^rho (N,)`` with the closed-form backward above.
+    """``d (N, C) -> (sum_e w_e |f_e(d)|^rho (N,), flows f (N, E))`` with the closed-form backward above.
 
     Differentiate ``d = p - q`` outside (softmax included), so this one Function serves logits,
-    probabilities, hard and soft targets.
+    probabilities, hard and soft targets. The flows are a second, non-differentiable output so that
+    ``setup_context`` can save them (the form ``torch.func`` transforms need); ``vmap`` folds the vmapped
+    dimension into the rows, since every row is independent.
     """
 
     @staticmethod
-    def forward(ctx, d: Tensor, tt: TreeTensors, rho: float) -> Tensor:  # type: ignore[override]
+    def forward(d: Tensor, tt: TreeTensors, rho: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         f = edge_flows(d, tt)
-        ctx.save_for_backward(f)
-        ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
-        return edge_cost(f, tt.edge_w, rho).to(d.dtype)
+        return edge_cost(f, tt.edge_w, rho).to(d.dtype), f
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        d, tt, rho = inputs
+        f = output[1]
+        ctx.mark_non_differentiable(f)
+        ctx.save_for_backward(f)
+        ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         (f,) = ctx.saved_tensors
         h = edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * grad_out.to(ACC_DTYPE)[:, None]
         return flow_gradient(h, ctx.tt).to(ctx.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
+        if in_dims[0] is None:
+            return TreeEMDFunction.apply(d, tt, rho), (None, None)
+        d = d.movedim(in_dims[0], 0)
+        b = d.shape[0]
+        loss, f = TreeEMDFunction.apply(d.reshape(-1, d.shape[-1]), tt, rho)
+        return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
 
 
 def tree_emd_rows(
@@ -133,5 +150,5 @@ def tree_emd_rows(
     if soft is not None:
         d = p - soft.to(compute)
     else:
-        d = p - torch.nn.functional.one_hot(hard, p.shape[1]).to(compute)
-    return TreeEMDFunction.apply(d, tt, rho).to(x.dtype)
+        d = p - torch.zeros_like(p).scatter(1, hard[:, None], 1.0)  # one_hot reads values: no vmap
+    return TreeEMDFunction.apply(d, tt, rho)[0].to(x.dtype)
