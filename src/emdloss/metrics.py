@@ -328,6 +328,9 @@ class HierarchicalMetrics:
     def compute(self) -> dict[str, float]:
         """The metrics over everything seen (on every process, when distributed). NaN where undefined.
 
+        When ``torch.distributed`` is initialised this is a collective (an all-reduce): call it on every
+        process, as with any DDP metric.
+
         Keys: ``top1``, ``top{k}``, ``mistake_severity``, ``lca_mistake_height``, ``hdist@{k}``, ``emd``,
         ``count``, and with ``confusion=True`` also ``mae`` and ``qwk``.
         """
