@@ -8,8 +8,8 @@
 """
 
 from . import functional
-from .losses import EMDLoss
+from .losses import EMDLoss, SinkhornLoss
 from .tree import Tree, TreeError
 
 __version__ = "0.1.0"
-__all__ = ["EMDLoss", "Tree", "TreeError", "functional", "__version__"]
+__all__ = ["EMDLoss", "SinkhornLoss", "Tree", "TreeError", "functional", "__version__"]

@@ -11,9 +11,10 @@ from torch import Tensor
 
 from . import _checks
 from .backends import torch_ops, tree_emd_rows
+from .sinkhorn import sinkhorn
 from .tree import Tree
 
-__all__ = ["emd", "flows"]
+__all__ = ["emd", "flows", "sinkhorn"]
 
 
 def emd(

@@ -7,10 +7,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import _checks
-from .functional import emd
+from .functional import emd, sinkhorn
 from .tree import Tree
 
-__all__ = ["EMDLoss"]
+__all__ = ["EMDLoss", "SinkhornLoss"]
 
 
 class EMDLoss(nn.Module):
@@ -77,3 +77,68 @@ class EMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.tree!r}, rho={self.rho}, from_logits={self.from_logits}, reduction={self.reduction!r}"
 
+
+class SinkhornLoss(nn.Module):
+    r"""Entropic OT (Sinkhorn) loss ``<T*, M>`` for any (C, C) ground cost; see
+    :func:`emdloss.functional.sinkhorn` for the math and the arguments. ``reg`` is absolute (cost units).
+
+    The cost is held as a float64 buffer (it follows ``.to(device)`` and ``state_dict``). For a tree metric
+    :class:`EMDLoss` is exact and O(C); this loss is the O(C^2)-per-iteration baseline.
+
+    Example::
+
+        cost = emdloss.Tree.chain(10).distance_matrix()
+        criterion = emdloss.SinkhornLoss(cost, reg=0.05)
+        loss = criterion(logits, labels)
+    """
+
+    def __init__(
+        self,
+        cost: Any,
+        reg: float,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
+        log_domain: bool = True,
+        grad: str = "envelope",
+        from_logits: bool = True,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        validate: bool | None = None,
+        on_underflow: str = "raise",
+    ) -> None:
+        super().__init__()
+        from .sinkhorn import _check_options, check_cost
+
+        self.register_buffer("cost", check_cost(cost))
+        self.reg, self.max_iter, self.tol = _check_options(reg, max_iter, tol, grad, on_underflow)
+        _checks.check_reduction(reduction)
+        self.log_domain = bool(log_domain)
+        self.grad = grad
+        self.from_logits = bool(from_logits)
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.validate = validate
+        self.on_underflow = on_underflow
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return sinkhorn(
+            input,
+            target,
+            self.cost,
+            reg=self.reg,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            log_domain=self.log_domain,
+            grad=self.grad,
+            from_logits=self.from_logits,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            on_underflow=self.on_underflow,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"C={self.cost.shape[0]}, reg={self.reg}, max_iter={self.max_iter}, log_domain={self.log_domain}, "
+            f"grad={self.grad!r}, reduction={self.reduction!r}"
+        )
