@@ -75,6 +75,13 @@ def test_prune_keeps_class_distances(seed):
     assert rep.num_pruned == full.num_nodes - pruned.num_nodes > 0
 
 
+def test_prune_removes_a_unary_root_chain():
+    tree, rep = H.dag_to_tree([("r", "a"), ("a", "b"), ("b", "x"), ("b", "y")], ["x", "y"], prune=True)
+    assert tree.names[tree.root] == "b" and tree.num_nodes == 3 and rep.num_pruned == 2
+    single, _ = H.dag_to_tree([("r", "a"), ("a", "x")], ["x"], prune=True)
+    assert single.names == ("x",)
+
+
 # ---------------------------------------------------------------------- WordNet
 
 
