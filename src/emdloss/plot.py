@@ -39,7 +39,8 @@ def _as_dist(x: Tensor | np.ndarray | Sequence[float], c: int, name: str) -> np.
 
 
 def _target_dist(target: Any, c: int) -> tuple[np.ndarray, int | None]:
-    if isinstance(target, (int, np.integer)) or (isinstance(target, Tensor) and target.numel() == 1 and not target.dtype.is_floating_point):
+    is_index = isinstance(target, Tensor) and target.numel() == 1 and not target.dtype.is_floating_point
+    if isinstance(target, (int, np.integer)) or is_index:
         k = int(target)
         if not 0 <= k < c:
             raise ValueError(f"target class {k} is outside [0, {c})")
@@ -149,14 +150,18 @@ def plot_tree_flows(
 
     keep = [int(tree.classes[true_k])] if true_k is not None else [int(tree.classes[np.argmax(q)])]
     keep.append(int(tree.classes[np.argmax(p)]))
-    mask = np.ones(tree.num_nodes, dtype=bool) if tree.num_nodes <= max_nodes else select_nodes(tree, flow, keep, max_nodes)
+    if tree.num_nodes <= max_nodes:
+        mask = np.ones(tree.num_nodes, dtype=bool)
+    else:
+        mask = select_nodes(tree, flow, keep, max_nodes)
     pos = tidy_layout(tree, mask)
 
     node_label = _labeller(tree, labels)
     n_levels = int(-min(y for _, y in pos.values())) + 1
     if ax is None:
         n_leaves = sum(1 for v in pos if _is_leaf(pos, v, tree))
-        fig, ax = plt.subplots(figsize=(float(np.clip(2 + 0.8 * n_leaves, 7, 24)), float(np.clip(1.5 + 0.9 * n_levels, 3.5, 11))))
+        size = (float(np.clip(2 + 0.8 * n_leaves, 7, 24)), float(np.clip(1.5 + 0.9 * n_levels, 3.5, 11)))
+        fig, ax = plt.subplots(figsize=size)
     else:
         fig = ax.figure
 
@@ -205,7 +210,8 @@ def plot_tree_flows(
         )
 
     hidden = tree.num_nodes - int(mask.sum())
-    ax.set_title(title or f"EMD = {emd_value:.3f}" + (f"  ({hidden} nodes with little flow not drawn)" if hidden else ""))
+    note = f"  ({hidden} nodes with little flow not drawn)" if hidden else ""
+    ax.set_title(title or f"EMD = {emd_value:.3f}{note}")
     ax.legend(
         handles=[
             Line2D([], [], color=UP, lw=3, label="surplus moves up"),
@@ -263,7 +269,10 @@ def plot_chain_cdfs(
     """
     import matplotlib.pyplot as plt
 
-    p = probs.detach().cpu().double().numpy().reshape(-1) if isinstance(probs, Tensor) else np.asarray(probs, float).reshape(-1)
+    if isinstance(probs, Tensor):
+        p = probs.detach().cpu().double().numpy().reshape(-1)
+    else:
+        p = np.asarray(probs, dtype=np.float64).reshape(-1)
     k = p.size
     p = _as_dist(p, k, "probs")
     q, _ = _target_dist(target, k)
@@ -281,7 +290,8 @@ def plot_chain_cdfs(
     ax.fill_between(xs, cp, cq, step="post", color="#f5b041", alpha=0.45, label=f"area = EMD = {emd_value:.3f}")
     ax.step(xs, cp, where="post", color="#c0392b", lw=2, label="prediction CDF")
     ax.step(xs, cq, where="post", color="#2471a3", lw=2, ls="--", label="target CDF")
-    ax.bar(xs, p, width=0.35 * (np.min(gaps) if gaps.size and np.min(gaps) > 0 else 1), color="#c0392b", alpha=0.25, label="prediction")
+    bar_w = 0.35 * (float(np.min(gaps)) if gaps.size and np.min(gaps) > 0 else 1.0)
+    ax.bar(xs, p, width=bar_w, color="#c0392b", alpha=0.25, label="prediction")
     ax.set_xticks(xs)
     ax.set_xticklabels(class_labels if class_labels is not None else [str(i) for i in range(k)], fontsize=8)
     ax.set_ylim(-0.02, 1.05)

@@ -125,7 +125,7 @@ class TreeEMDFunction(torch.autograd.Function):
         ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore
         (f,) = ctx.saved_tensors
         h = edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * grad_out.to(ACC_DTYPE)[:, None]
         return flow_gradient(h, ctx.tt).to(ctx.dtype), None, None

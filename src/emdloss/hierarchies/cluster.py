@@ -7,8 +7,8 @@ a binary tree whose internal node ``v`` has merge height ``h_v``. With edge leng
 sample instead of the O(C^2)-O(C^3) of an exact EMD under ``D``; how good the surrogate is shows in the
 :class:`DistortionReport` (mean relative distortion and correlation of the two metrics over class pairs).
 
-"average" linkage (UPGMA) is the default; it usually gives the highest cophenetic correlation with ``D``. Only monotone linkages are accepted (no "centroid"/"median",
-whose merge heights can decrease).
+"average" linkage (UPGMA) is the default; it usually gives the highest cophenetic correlation with ``D``.
+Only monotone linkages are accepted (no "centroid"/"median", whose merge heights can decrease).
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ def from_newick(
         seen: set[str] = set()
         for v, nm in enumerate(names):
             if nm in seen:
-                hint = " (internal labels that are support values repeat: pass internal_labels='ignore')" if has_kids[v] else ""
+                hint = ""
+                if has_kids[v]:
+                    hint = " (internal labels that are support values repeat: pass internal_labels='ignore')"
                 raise TreeError(f"duplicate node name {nm!r} in the Newick text{hint}")
             seen.add(nm)
     w = np.array([default_length if x is None else x for x in length], dtype=np.float64)
