@@ -96,13 +96,29 @@ def flows(p: Tensor, q: Tensor, tree: Tree) -> Tensor:
 
 
 class _FlowsFunction(torch.autograd.Function):
-    """Linear map d (N, C) -> flows (N, E); its adjoint is :func:`torch_ops.flow_gradient`."""
+    """Linear map d (N, C) -> flows (N, E); its adjoint is :func:`torch_ops.flow_gradient`.
+
+    Written in the ``setup_context`` form with a ``vmap`` rule, so ``torch.func`` transforms work.
+    """
 
     @staticmethod
-    def forward(ctx, d: Tensor, tt: torch_ops.TreeTensors) -> Tensor:  # type: ignore[override]
-        ctx.tt, ctx.dtype = tt, d.dtype
+    def forward(d: Tensor, tt: torch_ops.TreeTensors) -> Tensor:  # type: ignore[override]
         return torch_ops.edge_flows(d, tt)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        d, tt = inputs
+        ctx.tt, ctx.dtype = tt, d.dtype
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return torch_ops.flow_gradient(grad.to(torch_ops.ACC_DTYPE), ctx.tt).to(ctx.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, d: Tensor, tt: torch_ops.TreeTensors):  # type: ignore[override]
+        if in_dims[0] is None:
+            return _FlowsFunction.apply(d, tt), None
+        d = d.movedim(in_dims[0], 0)
+        b = d.shape[0]
+        f = _FlowsFunction.apply(d.reshape(-1, d.shape[-1]), tt)
+        return f.reshape(b, -1, f.shape[-1]), 0

@@ -73,7 +73,7 @@ def scatter_to_positions(d: Tensor, tt: TreeTensors) -> Tensor:
 
 def edge_flows(d: Tensor, tt: TreeTensors) -> Tensor:
     """(N, C) mass differences -> (N, E) float64 flows ``f_e`` (mass of d below each edge)."""
-    c = scatter_to_positions(d, tt).cumsum_(1)
+    c = scatter_to_positions(d, tt).cumsum(1)
     return c.index_select(1, tt.edge_hi) - c.index_select(1, tt.edge_lo)
 
 
@@ -82,7 +82,7 @@ def flow_gradient(h: Tensor, tt: TreeTensors) -> Tensor:
     a = h.new_zeros((h.shape[0], tt.num_nodes + 1))
     a.index_add_(1, tt.edge_lo, h)
     a.index_add_(1, tt.edge_hi, h, alpha=-1)
-    return a.cumsum_(1).index_select(1, tt.class_pos)
+    return a.cumsum(1).index_select(1, tt.class_pos)
 
 
 def edge_cost(f: Tensor, w: Tensor, rho: float) -> Tensor:
