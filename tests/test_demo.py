@@ -1,0 +1,59 @@
+"""`emdloss demo` end to end (small settings) and its data: real sklearn data, no shared/ folder, no network."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from emdloss.cli import main  # noqa: E402
+from emdloss.experiments import demo  # noqa: E402
+
+
+def test_chain_task_is_ordered_quantile_classes() -> None:
+    task = demo.chain_task(0, 5)
+    y = np.concatenate([task["y_train"].numpy(), task["y_test"].numpy()])
+    assert y.min() == 0 and y.max() == 4
+    counts = np.bincount(task["y_train"].numpy(), minlength=5)
+    assert counts.min() >= 0.8 * counts.mean()  # quantile bins of the training split are balanced
+    assert task["tree"].is_chain and task["tree"].num_classes == 5
+
+
+def test_tree_task_small_data_and_clustered_tree() -> None:
+    task = demo.tree_task(1, 7)
+    assert np.bincount(task["y_train"].numpy()).tolist() == [7] * 10
+    assert task["x_train"].shape[0] + task["x_test"].shape[0] == 1797
+    tree = task["tree"]
+    assert tree.num_classes == 10 and tree.num_nodes > 11  # a real hierarchy, not a star
+    d = tree.distance_matrix()
+    assert np.allclose(d, d.T) and len(np.unique(np.round(d[np.triu_indices(10, 1)], 9))) > 1
+
+
+def test_demo_cli_writes_report_plot_and_json(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("EMDLOSS_DATA", str(tmp_path / "no-shared-data"))  # the demo must not need shared/
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "2", "--steps", "30", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for label in demo.LABELS.values():
+        assert label in printed
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    for task in ("chain", "tree"):
+        for loss in demo.DEMO_LOSSES:
+            runs = data["results"][task][loss]
+            assert len(runs) == 2
+            assert all(np.isfinite(r["emd"]) and r["emd"] > 0 for r in runs)
+    # trained models beat chance on the tree task
+    assert np.mean([r["top1"] for r in data["results"]["tree"]["ce"]]) > 0.3
+    assert "Command:" in (out / "report.md").read_text()
+
+
+def test_demo_is_reproducible() -> None:
+    task = demo.chain_task(0, 4)
+    a = demo.run_one(task, "relaxed", 0, 20, 8, 1e-2, 64)
+    b = demo.run_one(task, "relaxed", 0, 20, 8, 1e-2, 64)
+    assert a == b
