@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-elements", type=int, default=None, help="batch x classes of the fixed-elements series")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15, quick 5)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds per timing, by repeating calls (default 0.01)")
-    parser.add_argument("--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn)")
+    parser.add_argument("--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn; hard targets)")
     parser.add_argument("--slow-rows", type=int, default=None, help="rows the anchors run on (then extrapolated)")
     parser.add_argument("--slow-reps", type=int, default=None, help="repetitions of each anchor")
     parser.add_argument("--sinkhorn-iters", type=int, default=100, help="fixed Sinkhorn iterations of the anchors")
@@ -463,7 +463,8 @@ def run_workload(
                 row.update(skipped=m.skip)
                 rows.append(row)
                 continue
-            sub = [time_calls(step, 1) for _ in range(cfg.slow_reps)]
+            # no JIT in these solvers: the warm-up call is the first sample
+            sub = [m.warmup_s] + [time_calls(step, 1) for _ in range(cfg.slow_reps - 1)]
             secs = float(np.median(sub)) * batch / m.rows
             row.update(seconds=secs, ratio_to_ce=secs / ce_median, rounds=len(sub))
             if m.rows < batch:
@@ -762,6 +763,7 @@ def _run(args: argparse.Namespace) -> int:
     gen = runner.seed_everything(cfg.seed)
     warnings.filterwarnings("ignore", message=".*not writable.*")
     started = time.time()
+    load_before = _loadavg()
 
     trees: list[tuple[str, Tree]] = []
     skipped_trees: dict[str, str] = {}
@@ -787,7 +789,7 @@ def _run(args: argparse.Namespace) -> int:
         note(f"{name} {kind}")
         ratios += run_workload(
             name, tree, kind, cfg.batch, cfg, compile_ok=cfg.compile and kind == "hard", dense_ok=True,
-            anchors=cfg.slow, gen=gen, progress=note,
+            anchors=cfg.slow and kind == "hard", gen=gen, progress=note,
         )
         bar.update(1)
 
@@ -814,7 +816,8 @@ def _run(args: argparse.Namespace) -> int:
     import numba
 
     machine = {**runner.machine_info(), "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
-               "numba_threading_layer": _threading_layer()}
+               "numba_threading_layer": _threading_layer(), "load_average_before": load_before,
+               "load_average_after": _loadavg()}
     result = {
         "config": cfg.__dict__, "command": runner.command_line(), "machine": machine,
         "seconds_total": time.time() - started, "skipped_trees": skipped_trees,
@@ -829,6 +832,14 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if scaling else "")
           + f" in {result['seconds_total']:.0f} s")
     return 0
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the machine was (other processes skew timings)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on this platform
+        return None
 
 
 def _threading_layer() -> str:
@@ -847,6 +858,13 @@ def report(result: dict[str, Any], cfg: Config) -> str:
         "`F.cross_entropy` (class-index targets, same logits) in the same round. Rows marked *extrapolated* ran on a "
         "subsample of the batch and were scaled linearly. `rel. diff vs reference` compares the loss value with the "
         "torch reference backend in float64 (Sinkhorn rows differ by their entropic bias).\n"
+    )
+    m = result["machine"]
+    parts.append(
+        f"Load average (1, 5, 15 min) before the run {m.get('load_average_before')}, after "
+        f"{m.get('load_average_after')}, on {m.get('cpu_count')} CPUs; torch threads {m.get('torch_threads')}, "
+        f"numba threads {m.get('numba_threads')}. A load above the CPU count means other processes competed for the "
+        "cores: the `best` columns (fastest round) are then the better estimate of each method's own cost.\n"
     )
     if result["skipped_trees"]:
         parts.append("Skipped workloads: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_trees"].items()) + "\n")
