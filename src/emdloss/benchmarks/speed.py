@@ -106,7 +106,7 @@ class Config:
             slow=not args.no_slow,
             slow_rows=int(pick(args.slow_rows, 2, 1)),
             slow_reps=int(pick(args.slow_reps, 2, 1)),
-            sinkhorn_iters=int(args.sinkhorn_iters),
+            sinkhorn_iters=int(pick(args.sinkhorn_iters, 100, 20)),
             compile=pick(args.compile, True, False),
             memory=not args.no_memory,
             memory_sizes=_int_list(args.memory_sizes) if args.memory_sizes else mem_default,
@@ -144,7 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn; hard targets)")
     parser.add_argument("--slow-rows", type=int, default=None, help="rows the anchors run on (then extrapolated)")
     parser.add_argument("--slow-reps", type=int, default=None, help="repetitions of each anchor")
-    parser.add_argument("--sinkhorn-iters", type=int, default=100, help="fixed Sinkhorn iterations of the anchors")
+    parser.add_argument(
+        "--sinkhorn-iters", type=int, default=None, help="fixed Sinkhorn iterations of the anchors (default 100, quick 20)"
+    )
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (quick default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -154,7 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compile-time", dest="compile_time", action="store_true", default=None, help="measure numba JIT time")
     parser.add_argument("--no-compile-time", dest="compile_time", action="store_false")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for torch and numba (default: as they are; 1 is steadier on a busy machine)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -555,7 +559,7 @@ def _proc_status(key: str) -> int:
 def memory_child() -> None:
     """Entry point of the memory subprocess: reads a JSON job on stdin, prints a JSON result line."""
     job = json.loads(sys.stdin.read())
-    torch.set_num_threads(job["threads"])
+    set_threads(job["threads"])
     tree = build_tree(job["tree"], job["seed"])
     gen = torch.Generator().manual_seed(job["seed"])
     x, target = make_inputs(job["batch"], tree.num_classes, "hard", gen)
@@ -743,11 +747,22 @@ def print_summary(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
+    import numba
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     try:
         return _run(args)
-    finally:  # run() may be called in-process (tests): leave torch's thread count as it was
+    finally:  # run() may be called in-process (tests): leave the thread counts as they were
         torch.set_num_threads(threads)
+        numba.set_num_threads(numba_threads)
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads in torch and in numba's parallel kernels (capped at numba's pool size)."""
+    import numba
+
+    torch.set_num_threads(n)
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -759,7 +774,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     gen = runner.seed_everything(cfg.seed)
     warnings.filterwarnings("ignore", message=".*not writable.*")
     started = time.time()
