@@ -87,14 +87,17 @@ def underflow_reg(cost_max: float, dtype: torch.dtype) -> float:
     return float(cost_max) / -math.log(torch.finfo(dtype).tiny)
 
 
-def check_cost(cost: Any, num_classes: int | None = None) -> Tensor:
-    """Validate a ground-cost matrix and return it as a float64 CPU tensor.
+def check_cost(cost: Any, num_classes: int | None = None, values: bool = True) -> Tensor:
+    """Validate a ground-cost matrix and return it as a float64 tensor (on the CPU unless it is a tensor
+    elsewhere already).
 
     ``cost`` must be a (C, C) numpy array or tensor of finite, non-negative reals (the diagonal need not be
-    zero); if ``num_classes`` is given, C must equal it.
+    zero); if ``num_classes`` is given, C must equal it. ``values=False`` skips the checks that read the
+    entries of a tensor that is not on the CPU (they would synchronise its device).
     """
     if isinstance(cost, Tensor):
-        m = cost.detach().to("cpu")
+        m = cost.detach()
+        values = values or m.device.type == "cpu"
     elif isinstance(cost, np.ndarray) or isinstance(cost, (list, tuple)):
         try:
             m = torch.from_numpy(np.array(cost, dtype=np.float64))
@@ -109,6 +112,8 @@ def check_cost(cost: Any, num_classes: int | None = None) -> Tensor:
         raise ValueError(f"cost must be a square (C, C) matrix, got shape {tuple(m.shape)}")
     if num_classes is not None and m.shape[0] != num_classes:
         raise ValueError(f"cost is {m.shape[0]} x {m.shape[1]} but input has {num_classes} classes along dim 1")
+    if not values:
+        return m
     if m.numel() and not bool(torch.isfinite(m).all()):
         raise ValueError("cost contains NaN or infinite entries")
     if m.numel() and float(m.min()) < 0:
@@ -283,7 +288,7 @@ def sinkhorn(
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
         raise ValueError(f"input must have shape (N, C) or (N, C, d1, ..., dk), got shape {tuple(input.shape)}")
-    m64 = check_cost(cost, input.shape[1])
+    m64 = check_cost(cost, input.shape[1], values=_checks.should_validate(validate, input))
     rows = _checks.to_rows(
         input, target, m64.shape[0], from_logits=from_logits, ignore_index=ignore_index, validate=validate
     )
