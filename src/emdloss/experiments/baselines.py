@@ -90,7 +90,7 @@ class SoftLabelLoss(nn.Module):
         if not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         self.beta = float(beta)
-        d = torch.from_numpy(np.asarray(tree.distance_matrix(), dtype=np.float64))
+        d = torch.tensor(tree.distance_matrix(), dtype=torch.float64)
         self.register_buffer("soft", torch.softmax(-self.beta * d, dim=1).float(), persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

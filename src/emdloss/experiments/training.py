@@ -12,6 +12,7 @@ Losses by name (all on logits (N, C) and class indices (N,)):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -139,6 +140,8 @@ def add_experiment_arguments(parser: Any, default_seeds: int) -> None:
     parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # an even smaller configuration than --quick, for the test suite (seconds, not minutes)
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
 
 def num_seeds(args: Any, default_seeds: int) -> int:
