@@ -69,3 +69,12 @@ def shared_data_or_skip():
         return shared_data_dir()
     except DataUnavailable as exc:
         pytest.skip(f"shared data not available: {exc}")
+
+
+def is_ancestor(tree: Tree, ancestor: int, node: int) -> bool:
+    """True if ``ancestor`` lies on the path from ``node`` to the root (a node is its own ancestor)."""
+    while node != -1:
+        if node == ancestor:
+            return True
+        node = int(tree.parents[node])
+    return False

@@ -9,7 +9,7 @@ import torch
 ot = pytest.importorskip("ot", reason="POT (the LP reference) is a test dependency: pip install pot")
 scipy_stats = pytest.importorskip("scipy.stats")
 
-from _helpers import random_simplex, random_tree, t64  # noqa: E402
+from _helpers import is_ancestor, random_simplex, random_tree, t64  # noqa: E402
 
 from emdloss import Tree  # noqa: E402
 from emdloss.functional import emd, flows  # noqa: E402
@@ -98,7 +98,7 @@ def test_relaxed_value_is_sum_of_powered_flows(rho: float) -> None:
     # independent flows: for every edge, sum the classes whose path to the root crosses it
     ref = np.zeros(4)
     for v, w in zip(tree.edge_nodes, tree.weights[tree.edge_nodes]):
-        below = [k for k, cnode in enumerate(tree.classes) if _under(tree, int(cnode), int(v))]
+        below = [k for k, cnode in enumerate(tree.classes) if is_ancestor(tree, int(v), int(cnode))]
         f = p[:, below].sum(1) - q[:, below].sum(1)
         ref += w * np.abs(f) ** rho
     for backend in BACKENDS:
@@ -106,14 +106,6 @@ def test_relaxed_value_is_sum_of_powered_flows(rho: float) -> None:
         np.testing.assert_allclose(ours, ref, rtol=1e-10)
     f = flows(t64(p), t64(q), tree).numpy()
     np.testing.assert_allclose((np.abs(f) ** rho) @ tree.weights[tree.edge_nodes], ref, rtol=1e-10)
-
-
-def _under(tree: Tree, node: int, ancestor: int) -> bool:
-    while node != -1:
-        if node == ancestor:
-            return True
-        node = int(tree.parents[node])
-    return False
 
 
 def test_spatial_inputs_and_reductions() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from emdloss import Tree, TreeError
 
-from _helpers import random_tree
+from _helpers import is_ancestor, random_tree
 
 
 def bfs_distances(tree: Tree) -> np.ndarray:
@@ -49,16 +49,8 @@ def test_dfs_intervals_are_subtrees(seed: int, shape: str) -> None:
     for v in range(n):
         lo = tree.position[v]
         below = set(tree.preorder[lo : tree.subtree_end[lo]].tolist())
-        expected = {u for u in range(n) if _is_ancestor(tree, v, u)}
+        expected = {u for u in range(n) if is_ancestor(tree, v, u)}
         assert below == expected
-
-
-def _is_ancestor(tree: Tree, a: int, b: int) -> bool:
-    while b != -1:
-        if b == a:
-            return True
-        b = int(tree.parents[b])
-    return False
 
 
 @pytest.mark.parametrize("seed", range(8))
