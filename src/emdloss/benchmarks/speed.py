@@ -667,6 +667,28 @@ def ratio_table(rows: list[dict[str, Any]]) -> str:
     return runner.markdown_table(header, body)
 
 
+def headline_table(rows: list[dict[str, Any]]) -> str:
+    """Methods x workloads, each cell "median ratio (best ratio)" to cross-entropy: the table for a README."""
+    workloads = list(dict.fromkeys((r["tree"], r["target"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods.sort(key=lambda m: 0 if m == "cross_entropy" else (1 if m.startswith("cross_entropy") else 2))  # stable
+    cells = {(r["method"], r["tree"], r["target"]): r for r in rows}
+    body = []
+    for m in methods:
+        line = [m]
+        for tree, target in workloads:
+            r = cells.get((m, tree, target))
+            if r is None or "ratio_to_ce" not in r:
+                line.append("-")
+            elif "best_ratio_to_ce" in r:
+                line.append(f"{r['ratio_to_ce']:.2f} ({r['best_ratio_to_ce']:.2f})")
+            else:
+                line.append(f"{r['ratio_to_ce']:,.0f}" + ("*" if "extrapolated_from_rows" in r else ""))
+        body.append(line)
+    header = ["x F.cross_entropy: median (best)"] + [f"{t}, {k} targets" for t, k in workloads]
+    return runner.markdown_table(header, body)
+
+
 def scaling_table(rows: list[dict[str, Any]]) -> str:
     header = ["tree", "series", "C", "B", "method", "ms fwd+bwd", "ns / element", "x CE", "x CE (best)"]
     body = [[r["kind"], r["series"], r["classes"], r["batch"], r["method"], _fmt_ms(r["seconds"]),
@@ -883,6 +905,11 @@ def report(result: dict[str, Any], cfg: Config) -> str:
     )
     if result["skipped_trees"]:
         parts.append("Skipped workloads: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_trees"].items()) + "\n")
+    parts.append(
+        "## Summary\n\nForward+backward time over `F.cross_entropy` (class indices) on the same logits, batch "
+        f"{cfg.batch}, float32; median over interleaved rounds (fastest round in brackets). * = extrapolated from a "
+        "subsample of rows.\n\n" + headline_table(result["ratios"]) + "\n"
+    )
     parts.append("## Ratios to cross-entropy\n\n" + ratio_table(result["ratios"]) + "\n")
     if result["scaling"]:
         parts.append("## Scaling\n\n" + summary_table(result["scaling_summary"]) + "\n\n" + scaling_table(result["scaling"]) + "\n")
