@@ -191,14 +191,16 @@ def _plot(curves: dict[str, Any], tol: float, path: Path) -> None:
 
     panels = [(t, p) for t in curves for p in curves[t]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (t, p) in zip(axes[0], panels):
+    colors = {loss: f"C{i}" for i, loss in enumerate(LOSSES)}  # one colour per loss in every panel
+    for j, (ax, (t, p)) in enumerate(zip(axes[0], panels)):
         for loss, cs in curves[t][p].items():
             rel = np.array([np.asarray(c) / c[0] for c in cs])
-            ax.plot(np.exp(np.log(np.maximum(rel, 1e-12)).mean(0)), label=LABELS[loss])
+            ax.plot(np.exp(np.log(np.maximum(rel, 1e-12)).mean(0)), label=LABELS[loss], color=colors[loss])
         ax.axhline(tol, color="gray", ls=":", lw=1)
         ax.set_yscale("log")
         ax.set_title(f"{t}, {p}", fontsize=9)
         ax.set_xlabel("Adam step")
-        ax.set_ylabel("exact EMD / EMD at start (geo. mean)")
+        if j == 0:
+            ax.set_ylabel("exact EMD / EMD at start (geo. mean)")
         ax.legend(fontsize=7)
     runner.save_figure(fig, path)
