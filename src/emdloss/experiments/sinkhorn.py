@@ -234,7 +234,22 @@ def _time(fn, repeats: int) -> float:
 
 
 def timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Item 5: seconds per batch (forward), float32, fixed iteration count for every Sinkhorn."""
+    """Item 5: seconds per batch (forward), float32, fixed iteration count for every Sinkhorn, on one
+    thread (torch and numba): on a shared machine a parallel region waits for its slowest thread's time
+    slice, which made multi-threaded timings of millisecond calls jump by 4-24 ms."""
+    import numba
+
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        return _timing(kind, c, config)
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+
+
+def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
     import ot
 
     rng = np.random.default_rng(config["seed"] + c)
@@ -261,7 +276,7 @@ def timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
         emd(xx, q, tree).backward()
 
     res = {
-        "kind": kind, "classes": c, "batch": x.shape[0], "iters": iters,
+        "kind": kind, "classes": c, "batch": x.shape[0], "iters": iters, "threads": 1,
         "exact": _time(lambda: emd(x, q, tree), reps),
         "exact_fwd_bwd": _time(exact_fb, reps),
         "ours_log": _time(lambda: sinkhorn(x, q, cost, reg=reg, tol=0.0, max_iter=iters), reps),
@@ -346,7 +361,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
                      fontsize=9)
         ax.set_xlabel("classes C")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("ms per batch (forward)")
+    axes[0][0].set_ylabel("ms per batch (forward, 1 thread)")
     axes[0][0].legend(fontsize=7)
     runner.save_figure(fig, out / "sinkhorn_time.png")
     names.append("sinkhorn_time.png")
@@ -414,7 +429,7 @@ def report(results: dict[str, Any], plots: list[str]) -> str:
              r["rel_error"]] for r in results["iterations"]]
     lines.append(runner.markdown_table(["problem", "reg/max(M)", "iterations", "error at budget end"], rows) + "\n")
 
-    lines.append("## 5. Time per batch (forward, float32, ms; best of the repeats)\n")
+    lines.append("## 5. Time per batch (forward, float32, one thread, ms; best of the repeats)\n")
     rows = [[r["kind"], r["classes"], r["batch"], r["iters"]] + [r[k] * 1e3 for k, _ in TIMING_COLUMNS]
             + [r["ours_log"] / r["exact"]] for r in results["timing"]]
     lines.append(runner.markdown_table(["kind", "C", "batch", "iters"] + [lab for _, lab in TIMING_COLUMNS]
