@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import data_file, tiered_imagenet_tree
 from ..functional import emd
