@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _helpers import random_simplex, random_tree
 
 from emdloss import EMDLoss, Tree
@@ -87,7 +86,9 @@ def assert_backends_agree(tree, target, rho, from_logits, dtype, seed=0, modulo_
     v_fast, g_fast = value_and_grad(x, t, w, tree, rho, from_logits, "numba")
     assert v_fast.dtype == v_ref.dtype == dtype and g_fast.dtype == dtype
     rtol, gtol = tolerances(dtype)
-    torch.testing.assert_close(v_fast.double(), v_ref.double(), rtol=rtol, atol=rtol * float(v_ref.double().abs().max()))
+    torch.testing.assert_close(
+        v_fast.double(), v_ref.double(), rtol=rtol, atol=rtol * float(v_ref.double().abs().max())
+    )
     g_fast, g_ref = g_fast.double(), g_ref.double()
     if modulo_constant:
         g_fast, g_ref = g_fast - g_fast.mean(1, keepdim=True), g_ref - g_ref.mean(1, keepdim=True)
@@ -111,7 +112,9 @@ def test_fused_equals_reference(kind, target, rho, from_logits, dtype):
     assert_backends_agree(make_tree(kind, seed=len(kind)), target, rho, from_logits, dtype, modulo_constant=modulo)
 
 
-@pytest.mark.xfail(reason="fused hard rho=1 dL/dp is D[y] = reference + depth(y); equal on the simplex only", strict=False)
+@pytest.mark.xfail(
+    reason="fused hard rho=1 dL/dp is D[y] = reference + depth(y); equal on the simplex only", strict=False
+)
 def test_hard_rho1_probability_gradient_is_the_reference_one():
     assert_backends_agree(make_tree("chain", 0), "hard", 1.0, False, torch.float64)
 

@@ -15,7 +15,8 @@ from emdloss.cli import main
 
 TINY = [
     "--quick", "--trees", "chain50", "--batch", "8", "--threads", "1", "--sizes", "64,256", "--rounds", "2",
-    "--min-time", "0.001", "--scaling-elements", "1024", "--memory-sizes", "256", "--memory-elements", "65536", "--slow-rows", "1",
+    "--min-time", "0.001", "--scaling-elements", "1024", "--memory-sizes", "256", "--memory-elements", "65536",
+    "--slow-rows", "1",
     "--sinkhorn-iters", "5", "--no-progress",
 ]  # fmt: skip
 
@@ -60,7 +61,9 @@ def test_ratio_rows_time_the_right_losses(bench_out):
 def test_scaling_and_memory_sections(bench_out):
     data = json.loads((bench_out / "bench.json").read_text())
     series = {(r["kind"], r["series"], r["classes"]) for r in data["scaling"]}
-    assert series == {(k, s, c) for k in ("chain", "random") for s in ("fixed batch", "fixed elements") for c in (64, 256)}
+    assert series == {
+        (k, s, c) for k in ("chain", "random") for s in ("fixed batch", "fixed elements") for c in (64, 256)
+    }
     assert all(math.isfinite(s["slope_fixed_batch"]) for s in data["scaling_summary"])
     for probe in data["memory"]:
         if "skipped" in probe:

@@ -36,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class Config:
     memory: bool
     memory_sizes: list[int]
     memory_elements: int
+    memory_kinds: list[str]
     compile_time: bool
     threads: int
 
@@ -91,7 +92,11 @@ class Config:
         def pick(value: Any, default: Any, quick_default: Any) -> Any:
             return value if value is not None else (quick_default if quick else default)
 
-        sizes = _int_list(args.sizes) if args.sizes else ([1000, 10_000, 100_000] if quick else [1000, 10_000, 100_000, 1_000_000])
+        sizes = (
+            _int_list(args.sizes)
+            if args.sizes
+            else ([1000, 10_000, 100_000] if quick else [1000, 10_000, 100_000, 1_000_000])
+        )
         mem_default = [100_000] if quick else [100_000, 1_000_000]
         return Config(
             quick=quick,
@@ -111,6 +116,7 @@ class Config:
             memory=not args.no_memory,
             memory_sizes=_int_list(args.memory_sizes) if args.memory_sizes else mem_default,
             memory_elements=int(args.memory_elements),
+            memory_kinds=["chain"] if quick else ["chain", "random"],
             compile_time=pick(args.compile_time, True, False),
             threads=int(args.threads) if args.threads else torch.get_num_threads(),
         )
@@ -128,7 +134,9 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
-    parser.add_argument("--quick", action="store_true", help="a smaller run (< 1 min on 2 cores): fewer rounds and sizes")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smaller run (< 1 min on 2 cores): fewer rounds and sizes"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="batch of the ratio workloads (default 256)")
     parser.add_argument(
@@ -138,14 +146,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sizes", default=None, help="class counts of the scaling sweep (default 1e3,1e4,1e5,1e6)")
     parser.add_argument("--scaling-batch", type=int, default=8, help="batch of the fixed-batch scaling series")
-    parser.add_argument("--scaling-elements", type=int, default=None, help="batch x classes of the fixed-elements series")
+    parser.add_argument(
+        "--scaling-elements", type=int, default=None, help="batch x classes of the fixed-elements series"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15, quick 5)")
-    parser.add_argument("--min-time", type=float, default=None, help="seconds per timing, by repeating calls (default 0.01)")
-    parser.add_argument("--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn; hard targets)")
+    parser.add_argument(
+        "--min-time", type=float, default=None, help="seconds per timing, by repeating calls (default 0.01)"
+    )
+    parser.add_argument(
+        "--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn; hard targets)"
+    )
     parser.add_argument("--slow-rows", type=int, default=None, help="rows the anchors run on (then extrapolated)")
     parser.add_argument("--slow-reps", type=int, default=None, help="repetitions of each anchor")
     parser.add_argument(
-        "--sinkhorn-iters", type=int, default=None, help="fixed Sinkhorn iterations of the anchors (default 100, quick 20)"
+        "--sinkhorn-iters",
+        type=int,
+        default=None,
+        help="fixed Sinkhorn iterations of the anchors (default 100, quick 20)",
     )
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (quick default)")
@@ -154,10 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-elements", type=int, default=2**23, help="batch x classes of the memory probes (default 2^23: 32 MiB)"
     )
-    parser.add_argument("--compile-time", dest="compile_time", action="store_true", default=None, help="measure numba JIT time")
+    parser.add_argument(
+        "--compile-time", dest="compile_time", action="store_true", default=None, help="measure numba JIT time"
+    )
     parser.add_argument("--no-compile-time", dest="compile_time", action="store_false")
     parser.add_argument(
-        "--threads", type=int, default=None, help="threads for torch and numba (default: as they are; 1 is steadier on a busy machine)"
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and numba (default: as they are; 1 is steadier on a busy machine)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -304,7 +326,13 @@ def loss_methods(
                 methods.append(Method(f"dense closed form {r}", DenseClosedForm(tree, rho), "dense", rho))
             else:
                 methods.append(
-                    Method(f"dense closed form {r}", None, "dense", rho, skip=f"C x E = {entries:.2g} > {DENSE_MAX_ENTRIES:.2g}")
+                    Method(
+                        f"dense closed form {r}",
+                        None,
+                        "dense",
+                        rho,
+                        skip=f"C x E = {entries:.2g} > {DENSE_MAX_ENTRIES:.2g}",
+                    )
                 )
     if anchors:
         n = min(cfg.slow_rows, cfg.batch)
@@ -412,7 +440,7 @@ def warm_up(m: Method, x: Tensor, target: Tensor, tree: Tree) -> tuple[Step | No
         x.grad = None
         loss = m.fn(x, target)  # type: ignore[misc]
         loss.backward()
-    except Exception as exc:  # a failing method is a result too: reported, not fatal
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result too: reported, not fatal
         m.skip = f"failed: {type(exc).__name__}: {exc}"[:200]
         return None, None
     m.warmup_s = time.perf_counter() - t0
@@ -424,8 +452,17 @@ def warm_up(m: Method, x: Tensor, target: Tensor, tree: Tree) -> tuple[Step | No
 
 
 def run_workload(
-    tree_name: str, tree: Tree, target_kind: str, batch: int, cfg: Config, *, compile_ok: bool, dense_ok: bool,
-    anchors: bool, gen: torch.Generator, progress: Callable[[str], None],
+    tree_name: str,
+    tree: Tree,
+    target_kind: str,
+    batch: int,
+    cfg: Config,
+    *,
+    compile_ok: bool,
+    dense_ok: bool,
+    anchors: bool,
+    gen: torch.Generator,
+    progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Time every method of one (tree, batch, target) workload; one result row per method."""
     x, target = make_inputs(batch, tree.num_classes, target_kind, gen)
@@ -449,14 +486,27 @@ def run_workload(
     rows: list[dict[str, Any]] = []
     for m in methods:
         row: dict[str, Any] = {
-            "tree": tree_name, "classes": tree.num_classes, "nodes": tree.num_nodes, "batch": batch,
-            "target": target_kind, "method": m.name, "family": m.family, "rho": m.rho,
-            "rel_diff_vs_reference": errors.get(m.name), "note": m.note,
+            "tree": tree_name,
+            "classes": tree.num_classes,
+            "nodes": tree.num_nodes,
+            "batch": batch,
+            "target": target_kind,
+            "method": m.name,
+            "family": m.family,
+            "rho": m.rho,
+            "rel_diff_vs_reference": errors.get(m.name),
+            "note": m.note,
         }
         if m.name in times:
             t = times[m.name]
-            row.update(seconds=float(np.median(t)), ratio_to_ce=median_ratio(t, base), best_ratio_to_ce=best_ratio(t, base),
-                       rounds=len(t), seconds_all=t, first_call_s=m.warmup_s)
+            row.update(
+                seconds=float(np.median(t)),
+                ratio_to_ce=median_ratio(t, base),
+                best_ratio_to_ce=best_ratio(t, base),
+                rounds=len(t),
+                seconds_all=t,
+                first_call_s=m.warmup_s,
+            )
             if m.family == "compiled":
                 row["note"] = f"{m.note}; first call (compile) {m.warmup_s:.1f} s".lstrip("; ")
         elif m.rows and not m.skip and m.fn is not None:
@@ -472,8 +522,10 @@ def run_workload(
             secs = float(np.median(sub)) * batch / m.rows
             row.update(seconds=secs, ratio_to_ce=secs / ce_median, rounds=len(sub))
             if m.rows < batch:
-                row.update(extrapolated_from_rows=m.rows,
-                           note=f"extrapolated: {m.rows} of {batch} rows timed, x{batch / m.rows:g}; not interleaved")
+                row.update(
+                    extrapolated_from_rows=m.rows,
+                    note=f"extrapolated: {m.rows} of {batch} rows timed, x{batch / m.rows:g}; not interleaved",
+                )
             else:
                 row.update(note="not interleaved (timed after the others)")
         else:
@@ -502,8 +554,12 @@ def run_scaling(cfg: Config, gen: torch.Generator, bar: Any) -> list[dict[str, A
                 x, target = make_inputs(batch, size, "hard", gen)
                 methods = [Method("cross_entropy", lambda x, t: F.cross_entropy(x, t), "ce")]
                 for rho in (1.0, 2.0):
-                    methods.append(Method(f"emd fused rho={rho:g}", EMDLoss(tree, rho=rho, backend="numba"), "fused", rho))
-                    methods.append(Method(f"emd torch rho={rho:g}", EMDLoss(tree, rho=rho, backend="torch"), "torch", rho))
+                    methods.append(
+                        Method(f"emd fused rho={rho:g}", EMDLoss(tree, rho=rho, backend="numba"), "fused", rho)
+                    )
+                    methods.append(
+                        Method(f"emd torch rho={rho:g}", EMDLoss(tree, rho=rho, backend="torch"), "torch", rho)
+                    )
                 if size * tree.num_edges <= DENSE_MAX_ENTRIES:
                     methods.append(Method("dense closed form rho=1", DenseClosedForm(tree, 1.0), "dense", 1.0))
                 steps = {m.name: make_step(m.fn, x, target) for m in methods if m.fn is not None}
@@ -512,12 +568,22 @@ def run_scaling(cfg: Config, gen: torch.Generator, bar: Any) -> list[dict[str, A
                 for m in methods:
                     t = times[m.name]
                     sec = float(np.median(t))
-                    rows.append({
-                        "kind": kind, "series": label, "classes": size, "batch": batch, "nodes": tree.num_nodes,
-                        "method": m.name, "family": m.family, "seconds": sec, "seconds_best": float(np.min(t)),
-                        "ns_per_element": sec / (batch * size) * 1e9, "ratio_to_ce": median_ratio(t, base),
-                        "best_ratio_to_ce": best_ratio(t, base),
-                    })
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "series": label,
+                            "classes": size,
+                            "batch": batch,
+                            "nodes": tree.num_nodes,
+                            "method": m.name,
+                            "family": m.family,
+                            "seconds": sec,
+                            "seconds_best": float(np.min(t)),
+                            "ns_per_element": sec / (batch * size) * 1e9,
+                            "ratio_to_ce": median_ratio(t, base),
+                            "best_ratio_to_ce": best_ratio(t, base),
+                        }
+                    )
                 bar.update(1)
             del tree
             gc.collect()
@@ -532,14 +598,17 @@ def scaling_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fb = [r for r in rows if r["kind"] == kind and r["method"] == method and r["series"] == "fixed batch"]
         fe = [r for r in rows if r["kind"] == kind and r["method"] == method and r["series"] == "fixed elements"]
         per_el = [r["ns_per_element"] for r in fe]
-        out.append({
-            "kind": kind, "method": method,
-            "slope_fixed_batch": slope([r["classes"] for r in fb], [r["seconds"] for r in fb]),
-            "slope_fixed_batch_best": slope([r["classes"] for r in fb], [r["seconds_best"] for r in fb]),
-            "classes_range": [min(r["classes"] for r in fb), max(r["classes"] for r in fb)] if fb else None,
-            "ns_per_element_min": min(per_el) if per_el else float("nan"),
-            "ns_per_element_max": max(per_el) if per_el else float("nan"),
-        })
+        out.append(
+            {
+                "kind": kind,
+                "method": method,
+                "slope_fixed_batch": slope([r["classes"] for r in fb], [r["seconds"] for r in fb]),
+                "slope_fixed_batch_best": slope([r["classes"] for r in fb], [r["seconds_best"] for r in fb]),
+                "classes_range": [min(r["classes"] for r in fb), max(r["classes"] for r in fb)] if fb else None,
+                "ns_per_element_min": min(per_el) if per_el else float("nan"),
+                "ns_per_element_max": max(per_el) if per_el else float("nan"),
+            }
+        )
     return out
 
 
@@ -596,7 +665,13 @@ def run_memory(tree: str, batch: int, cfg: Config) -> dict[str, Any]:
     env = {**os.environ, **_MALLOC_ENV}
     code = "from emdloss.benchmarks.speed import memory_child; memory_child()"
     proc = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", code],
+        check=False,
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     if proc.returncode != 0:
         return {"tree": tree, "batch": batch, "skipped": f"subprocess failed: {proc.stderr.strip()[-300:]}"}
@@ -630,12 +705,16 @@ def compile_child(t0: float) -> None:
 
 def run_compile_time() -> dict[str, Any]:
     """Cold (empty numba cache) and warm (cache filled) first calls, each in a fresh subprocess."""
-    code = "import time; t0 = time.perf_counter(); from emdloss.benchmarks.speed import compile_child; compile_child(t0)"
+    code = (
+        "import time; t0 = time.perf_counter(); from emdloss.benchmarks.speed import compile_child; compile_child(t0)"
+    )
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="emdloss-numba-cache-") as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         for label in ("cold", "cached"):
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+            proc = subprocess.run(
+                [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=900
+            )
             if proc.returncode != 0:
                 result[label] = {"skipped": f"subprocess failed: {proc.stderr.strip()[-300:]}"}
             else:
@@ -654,16 +733,35 @@ def _fmt_ms(s: float | None) -> str:
 
 
 def ratio_table(rows: list[dict[str, Any]]) -> str:
-    header = ["tree", "C", "B", "target", "method", "ms fwd+bwd", "x CE", "x CE (best)", "rel. diff vs reference", "note"]
+    header = [
+        "tree",
+        "C",
+        "B",
+        "target",
+        "method",
+        "ms fwd+bwd",
+        "x CE",
+        "x CE (best)",
+        "rel. diff vs reference",
+        "note",
+    ]
     body = []
     for r in rows:
         diff = r.get("rel_diff_vs_reference")
-        body.append([
-            r["tree"], r["classes"], r["batch"], r["target"], r["method"], _fmt_ms(r.get("seconds")),
-            f"{r['ratio_to_ce']:.2f}" if "ratio_to_ce" in r else "-",
-            f"{r['best_ratio_to_ce']:.2f}" if "best_ratio_to_ce" in r else "-",
-            f"{diff:.1e}" if diff is not None else "-", r.get("skipped") or r.get("note", ""),
-        ])
+        body.append(
+            [
+                r["tree"],
+                r["classes"],
+                r["batch"],
+                r["target"],
+                r["method"],
+                _fmt_ms(r.get("seconds")),
+                f"{r['ratio_to_ce']:.2f}" if "ratio_to_ce" in r else "-",
+                f"{r['best_ratio_to_ce']:.2f}" if "best_ratio_to_ce" in r else "-",
+                f"{diff:.1e}" if diff is not None else "-",
+                r.get("skipped") or r.get("note", ""),
+            ]
+        )
     return runner.markdown_table(header, body)
 
 
@@ -691,8 +789,20 @@ def headline_table(rows: list[dict[str, Any]]) -> str:
 
 def scaling_table(rows: list[dict[str, Any]]) -> str:
     header = ["tree", "series", "C", "B", "method", "ms fwd+bwd", "ns / element", "x CE", "x CE (best)"]
-    body = [[r["kind"], r["series"], r["classes"], r["batch"], r["method"], _fmt_ms(r["seconds"]),
-             f"{r['ns_per_element']:.3g}", f"{r['ratio_to_ce']:.2f}", f"{r['best_ratio_to_ce']:.2f}"] for r in rows]
+    body = [
+        [
+            r["kind"],
+            r["series"],
+            r["classes"],
+            r["batch"],
+            r["method"],
+            _fmt_ms(r["seconds"]),
+            f"{r['ns_per_element']:.3g}",
+            f"{r['ratio_to_ce']:.2f}",
+            f"{r['best_ratio_to_ce']:.2f}",
+        ]
+        for r in rows
+    ]
     return runner.markdown_table(header, body)
 
 
@@ -700,9 +810,23 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     def fmt(v: float) -> str:
         return f"{v:.2f}" if np.isfinite(v) else "- (one size)"
 
-    header = ["tree", "method", "log-log slope (fixed batch)", "slope of best times", "ns / element min..max (fixed elements)"]
-    body = [[s["kind"], s["method"], fmt(s["slope_fixed_batch"]), fmt(s["slope_fixed_batch_best"]),
-             f"{s['ns_per_element_min']:.3g} .. {s['ns_per_element_max']:.3g}"] for s in summary]
+    header = [
+        "tree",
+        "method",
+        "log-log slope (fixed batch)",
+        "slope of best times",
+        "ns / element min..max (fixed elements)",
+    ]
+    body = [
+        [
+            s["kind"],
+            s["method"],
+            fmt(s["slope_fixed_batch"]),
+            fmt(s["slope_fixed_batch_best"]),
+            f"{s['ns_per_element_min']:.3g} .. {s['ns_per_element_max']:.3g}",
+        ]
+        for s in summary
+    ]
     return runner.markdown_table(header, body)
 
 
@@ -714,8 +838,16 @@ def memory_table(mem: list[dict[str, Any]]) -> str:
             body.append([m["tree"], m["batch"], "-", "-", "-", m["skipped"]])
             continue
         for name, v in m["methods"].items():
-            body.append([m["tree"], m["batch"], f"{m['input_bytes'] / 2**20:.1f}", name,
-                         f"{v['extra_bytes'] / 2**20:.1f}", f"{v['x_input']:.2f}"])
+            body.append(
+                [
+                    m["tree"],
+                    m["batch"],
+                    f"{m['input_bytes'] / 2**20:.1f}",
+                    name,
+                    f"{v['extra_bytes'] / 2**20:.1f}",
+                    f"{v['x_input']:.2f}",
+                ]
+            )
     return runner.markdown_table(header, body)
 
 
@@ -731,11 +863,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         sub = [r for r in rows if r["kind"] == kind and r["series"] == "fixed batch"]
         for method in dict.fromkeys(r["method"] for r in sub):
             pts = sorted((r["classes"], r["seconds"]) for r in sub if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=method,
-                    linestyle="--" if "cross_entropy" in method else "-")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] * 1e3 for p in pts],
+                marker="o",
+                label=method,
+                linestyle="--" if "cross_entropy" in method else "-",
+            )
         batch = sub[0]["batch"] if sub else "?"
-        ax.set(xscale="log", yscale="log", xlabel="classes C", ylabel="ms per forward+backward",
-               title=f"{kind}: batch {batch}, float32, CPU")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="classes C",
+            ylabel="ms per forward+backward",
+            title=f"{kind}: batch {batch}, float32, CPU",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     runner.save_figure(fig, path)
@@ -748,14 +890,18 @@ def print_summary(result: dict[str, Any]) -> None:
         extra = " (extrapolated)" if "extrapolated_from_rows" in r else ""
         if "best_ratio_to_ce" in r:
             extra += f"  best {r['best_ratio_to_ce']:.2f}x"
-        print(f"  {r['tree']:>10} {r['target']:>4}  {r['method']:<40} {_fmt_ms(r.get('seconds')):>9} ms {ratio}{extra}"
-              f"{'  ' + r['skipped'] if 'skipped' in r else ''}")
+        print(
+            f"  {r['tree']:>10} {r['target']:>4}  {r['method']:<40} {_fmt_ms(r.get('seconds')):>9} ms {ratio}{extra}"
+            f"{'  ' + r['skipped'] if 'skipped' in r else ''}"
+        )
     if result.get("scaling_summary"):
         print("\nScaling (log-log slope of time vs classes at fixed batch):")
         for s in result["scaling_summary"]:
-            print(f"  {s['kind']:>6}  {s['method']:<28} slope {s['slope_fixed_batch']:.2f} "
-                  f"(best times {s['slope_fixed_batch_best']:.2f})  "
-                  f"ns/element {s['ns_per_element_min']:.3g}..{s['ns_per_element_max']:.3g}")
+            print(
+                f"  {s['kind']:>6}  {s['method']:<28} slope {s['slope_fixed_batch']:.2f} "
+                f"(best times {s['slope_fixed_batch_best']:.2f})  "
+                f"ns/element {s['ns_per_element_min']:.3g}..{s['ns_per_element_max']:.3g}"
+            )
     for m in result.get("memory", []):
         if "skipped" in m:
             print(f"\nMemory {m['tree']}: {m['skipped']}")
@@ -815,50 +961,81 @@ def _run(args: argparse.Namespace) -> int:
             return 2
 
     workloads = [(n, t, k) for n, t in trees for k in ("hard", "soft")]
-    total = len(workloads) + 2 * len(cfg.sizes) * 2 + (len(cfg.memory_sizes) * 2 if cfg.memory else 0) + int(cfg.compile_time)
+    total = (
+        len(workloads)
+        + 2 * len(cfg.sizes) * 2
+        + (len(cfg.memory_sizes) * len(cfg.memory_kinds) if cfg.memory else 0)
+        + int(cfg.compile_time)
+    )
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress)
-    note = lambda text: bar.set_postfix_str(text[:60])  # noqa: E731
+    note = lambda text: bar.set_postfix_str(text[:60])
 
+    phases: dict[str, float] = {}
+    t_phase = time.time()
     ratios: list[dict[str, Any]] = []
     for name, tree, kind in workloads:
         note(f"{name} {kind}")
         ratios += run_workload(
-            name, tree, kind, cfg.batch, cfg, compile_ok=cfg.compile and kind == "hard", dense_ok=True,
-            anchors=cfg.slow and kind == "hard", gen=gen, progress=note,
+            name,
+            tree,
+            kind,
+            cfg.batch,
+            cfg,
+            compile_ok=cfg.compile and kind == "hard",
+            dense_ok=True,
+            anchors=cfg.slow and kind == "hard",
+            gen=gen,
+            progress=note,
         )
         bar.update(1)
 
+    phases["ratios"], t_phase = time.time() - t_phase, time.time()
     note("scaling")
     scaling = run_scaling(cfg, gen, bar) if cfg.sizes else []
+    phases["scaling"], t_phase = time.time() - t_phase, time.time()
     summary = scaling_summary(scaling)
 
     memory: list[dict[str, Any]] = []
     if cfg.memory:
         for size in cfg.memory_sizes:
-            for kind in ("chain", "random"):
+            for kind in cfg.memory_kinds:
                 note(f"memory {kind}{size}")
                 batch = max(1, cfg.memory_elements // size)
                 memory.append(run_memory(f"{kind}{size}", batch, cfg))
                 bar.update(1)
 
+    phases["memory"], t_phase = time.time() - t_phase, time.time()
     compile_time: dict[str, Any] = {}
     if cfg.compile_time:
         note("numba compile time")
         compile_time = run_compile_time()
         bar.update(1)
+    phases["numba_compile"] = time.time() - t_phase
     bar.close()
 
     import numba
 
-    machine = {**runner.machine_info(), "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
-               "numba_threading_layer": _threading_layer(), "load_average_before": load_before,
-               "load_average_after": _loadavg()}
+    machine = {
+        **runner.machine_info(),
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": _threading_layer(),
+        "load_average_before": load_before,
+        "load_average_after": _loadavg(),
+    }
     result = {
-        "config": cfg.__dict__, "command": runner.command_line(), "machine": machine,
-        "seconds_total": time.time() - started, "skipped_trees": skipped_trees,
-        "ratios": ratios, "scaling": scaling, "scaling_summary": summary, "memory": memory,
+        "config": cfg.__dict__,
+        "command": runner.command_line(),
+        "machine": machine,
+        "seconds_total": time.time() - started,
+        "seconds_by_phase": phases,
+        "skipped_trees": skipped_trees,
+        "ratios": ratios,
+        "scaling": scaling,
+        "scaling_summary": summary,
+        "memory": memory,
         "numba_compile": compile_time,
     }
     runner.write_json(out / "bench.json", result)
@@ -866,8 +1043,11 @@ def _run(args: argparse.Namespace) -> int:
     if scaling:
         plot(scaling, out / "bench.png")
     print_summary(result)
-    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if scaling else "")
-          + f" in {result['seconds_total']:.0f} s")
+    print(
+        f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
+        + (f", {out / 'bench.png'}" if scaling else "")
+        + f" in {result['seconds_total']:.0f} s"
+    )
     return 0
 
 
@@ -884,7 +1064,7 @@ def _threading_layer() -> str:
         import numba
 
         return str(numba.threading_layer())
-    except Exception:  # raises until a parallel kernel has run
+    except Exception:  # noqa: BLE001 - raises until a parallel kernel has run
         return "not initialised"
 
 
@@ -912,7 +1092,13 @@ def report(result: dict[str, Any], cfg: Config) -> str:
     )
     parts.append("## Ratios to cross-entropy\n\n" + ratio_table(result["ratios"]) + "\n")
     if result["scaling"]:
-        parts.append("## Scaling\n\n" + summary_table(result["scaling_summary"]) + "\n\n" + scaling_table(result["scaling"]) + "\n")
+        parts.append(
+            "## Scaling\n\n"
+            + summary_table(result["scaling_summary"])
+            + "\n\n"
+            + scaling_table(result["scaling"])
+            + "\n"
+        )
     if result["memory"]:
         parts.append(
             "## Peak extra memory\n\nResident-set high-water mark during one forward+backward minus the resident set "
@@ -927,8 +1113,10 @@ def report(result: dict[str, Any], cfg: Config) -> str:
             if "skipped" in v:
                 lines.append(f"- {label}: {v['skipped']}")
             elif v:
-                lines.append(f"- {label} numba cache: first calls {v['total_s']:.1f} s in all "
-                             f"({len(v['calls'])} signatures), import {v['import_s']:.1f} s; numba threads "
-                             f"{v['numba_threads']}, torch threads {v['torch_threads']}")
+                lines.append(
+                    f"- {label} numba cache: first calls {v['total_s']:.1f} s in all "
+                    f"({len(v['calls'])} signatures), import {v['import_s']:.1f} s; numba threads "
+                    f"{v['numba_threads']}, torch threads {v['torch_threads']}"
+                )
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
