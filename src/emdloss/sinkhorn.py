@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import _checks
 
-__all__ = ["sinkhorn", "SinkhornInfo", "SinkhornUnderflowError", "check_cost", "underflow_reg"]
+__all__ = ["SinkhornInfo", "SinkhornUnderflowError", "check_cost", "sinkhorn", "underflow_reg"]
 
 GRADS = ("envelope", "autodiff")
 ON_UNDERFLOW = ("raise", "ignore")
@@ -98,7 +98,7 @@ def check_cost(cost: Any, num_classes: int | None = None, values: bool = True) -
     if isinstance(cost, Tensor):
         m = cost.detach()
         values = values or m.device.type == "cpu"
-    elif isinstance(cost, np.ndarray) or isinstance(cost, (list, tuple)):
+    elif isinstance(cost, (np.ndarray, list, tuple)):
         try:
             m = torch.from_numpy(np.array(cost, dtype=np.float64))
         except (TypeError, ValueError):
@@ -162,7 +162,13 @@ def _finite_or(x: Tensor, value: float = 0.0) -> Tensor:
 
 
 def _log_sinkhorn(
-    la: Tensor, lb: Tensor, cost: Tensor, reg: float, max_iter: int, tol: float, check_every: int,
+    la: Tensor,
+    lb: Tensor,
+    cost: Tensor,
+    reg: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
     trace: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
     """Log-domain iterations on (N, C) log-marginals. Returns (log T, f, g, n_iter, row marginal error).
@@ -193,8 +199,15 @@ def _log_sinkhorn(
 
 
 def _plain_sinkhorn(
-    a: Tensor, b: Tensor, cost: Tensor, reg: float, max_iter: int, tol: float, check_every: int,
-    on_underflow: str, trace: dict[int, Tensor] | None = None,
+    a: Tensor,
+    b: Tensor,
+    cost: Tensor,
+    reg: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    on_underflow: str,
+    trace: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
     """Scaling iterations u = a / (K v), v = b / (K^T u), K = exp(-M / reg). Same returns as
     :func:`_log_sinkhorn`; raises :class:`SinkhornUnderflowError` when a scaling stops being finite."""
@@ -314,9 +327,7 @@ def sinkhorn(
             log_t, f, g, n_iter, err = _log_sinkhorn(la, lb, mat, reg, max_iter, tol, check_every, _trace)
             plan = torch.exp(log_t)
         else:
-            plan, f, g, n_iter, err = _plain_sinkhorn(
-                a, b, mat, reg, max_iter, tol, check_every, on_underflow, _trace
-            )
+            plan, f, g, n_iter, err = _plain_sinkhorn(a, b, mat, reg, max_iter, tol, check_every, on_underflow, _trace)
         value = (plan * mat).sum((1, 2))
     f = (f - f.mean(-1, keepdim=True)).detach()
     g = (g - g.mean(-1, keepdim=True)).detach()

@@ -50,27 +50,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_config(quick: bool, tiny: bool, seed: int) -> dict[str, Any]:
     if tiny:
-        return dict(
-            seed=seed, chain=6, tree_nodes=[12], imagenet=False, batch=4, imagenet_batch=2,
-            rel_regs=[0.1, 0.01], imagenet_rel_regs=[], budgets=[10, 50], max_iter=50, imagenet_max_iter=50,
-            grad_iters=50, plain_rel_regs=[0.1, 0.01, 0.001], timing_classes=[8, 16], timing_batch=4,
-            timing_iters=10, timing_repeats=1,
-        )
+        return {
+            "seed": seed,
+            "chain": 6,
+            "tree_nodes": [12],
+            "imagenet": False,
+            "batch": 4,
+            "imagenet_batch": 2,
+            "rel_regs": [0.1, 0.01],
+            "imagenet_rel_regs": [],
+            "budgets": [10, 50],
+            "max_iter": 50,
+            "imagenet_max_iter": 50,
+            "grad_iters": 50,
+            "plain_rel_regs": [0.1, 0.01, 0.001],
+            "timing_classes": [8, 16],
+            "timing_batch": 4,
+            "timing_iters": 10,
+            "timing_repeats": 1,
+        }
     if quick:
-        return dict(
-            seed=seed, chain=20, tree_nodes=[60], imagenet=True, batch=16, imagenet_batch=2,
-            rel_regs=[0.1, 0.03, 0.01, 0.003], imagenet_rel_regs=[0.1, 0.01], budgets=[10, 100, 300],
-            max_iter=300, imagenet_max_iter=100, grad_iters=150,
-            plain_rel_regs=[10 ** (-k / 4) for k in range(0, 17)], timing_classes=[10, 100, 300],
-            timing_batch=8, timing_iters=20, timing_repeats=2,
-        )
-    return dict(
-        seed=seed, chain=50, tree_nodes=[60, 200], imagenet=True, batch=16, imagenet_batch=2,
-        rel_regs=[0.3, 0.1, 0.03, 0.01, 0.003], imagenet_rel_regs=[0.1, 0.03, 0.01, 0.003],
-        budgets=[10, 100, 300, 1000], max_iter=1000, imagenet_max_iter=300, grad_iters=500,
-        plain_rel_regs=[10 ** (-k / 8) for k in range(0, 33)], timing_classes=[10, 30, 100, 300, 1000],
-        timing_batch=16, timing_iters=20, timing_repeats=3,
-    )
+        return {
+            "seed": seed,
+            "chain": 20,
+            "tree_nodes": [60],
+            "imagenet": True,
+            "batch": 16,
+            "imagenet_batch": 2,
+            "rel_regs": [0.1, 0.03, 0.01, 0.003],
+            "imagenet_rel_regs": [0.1, 0.01],
+            "budgets": [10, 100, 300],
+            "max_iter": 300,
+            "imagenet_max_iter": 100,
+            "grad_iters": 150,
+            "plain_rel_regs": [10 ** (-k / 4) for k in range(17)],
+            "timing_classes": [10, 100, 300],
+            "timing_batch": 8,
+            "timing_iters": 20,
+            "timing_repeats": 2,
+        }
+    return {
+        "seed": seed,
+        "chain": 50,
+        "tree_nodes": [60, 200],
+        "imagenet": True,
+        "batch": 16,
+        "imagenet_batch": 2,
+        "rel_regs": [0.3, 0.1, 0.03, 0.01, 0.003],
+        "imagenet_rel_regs": [0.1, 0.03, 0.01, 0.003],
+        "budgets": [10, 100, 300, 1000],
+        "max_iter": 1000,
+        "imagenet_max_iter": 300,
+        "grad_iters": 500,
+        "plain_rel_regs": [10 ** (-k / 8) for k in range(33)],
+        "timing_classes": [10, 30, 100, 300, 1000],
+        "timing_batch": 16,
+        "timing_iters": 20,
+        "timing_repeats": 3,
+    }
 
 
 # ---------------------------------------------------------------------- problems
@@ -115,7 +152,7 @@ def trace_points(max_iter: int, budgets: list[int]) -> list[int]:
     pts = {max_iter, *(b for b in budgets if b <= max_iter)}
     k = 1.0
     while k < max_iter:
-        pts.add(int(round(k)))
+        pts.add(round(k))
         k *= 1.25
     return sorted(pts)
 
@@ -162,10 +199,18 @@ def value_and_iterations(name: str, tree: Tree, rel: float, config: dict[str, An
     reached = next((k for k in points if errs[k] <= 0.01), None)
     budgets = {str(b): errs[b] for b in config["budgets"] if b in errs}
     return {
-        "problem": name, "classes": tree.num_classes, "rel_reg": rel, "reg": reg, "batch": n,
-        "rel_error": errs[max_iter], "rel_error_max": float(_rel(val.detach(), exact).max()),
-        "by_budget": budgets, "trace": {str(k): v for k, v in errs.items()},
-        "iters_to_1pct": reached, "max_iter": max_iter, "seconds": seconds,
+        "problem": name,
+        "classes": tree.num_classes,
+        "rel_reg": rel,
+        "reg": reg,
+        "batch": n,
+        "rel_error": errs[max_iter],
+        "rel_error_max": float(_rel(val.detach(), exact).max()),
+        "by_budget": budgets,
+        "trace": {str(k): v for k, v in errs.items()},
+        "iters_to_1pct": reached,
+        "max_iter": max_iter,
+        "seconds": seconds,
         "envelope_full_budget": grad_stats(xx.grad, g_exact),
     }
 
@@ -203,8 +248,17 @@ def plain_min_reg(name: str, tree: Tree, config: dict[str, Any], big: bool) -> d
     for dtype in (torch.float32, torch.float64):
         smallest = None
         for rel in sorted(config["plain_rel_regs"], reverse=True):
-            val = sinkhorn(x.to(dtype), q.to(dtype), cost, reg=rel * mmax, log_domain=False, on_underflow="ignore",
-                           tol=1e-6, max_iter=iters, reduction="none")
+            val = sinkhorn(
+                x.to(dtype),
+                q.to(dtype),
+                cost,
+                reg=rel * mmax,
+                log_domain=False,
+                on_underflow="ignore",
+                tol=1e-6,
+                max_iter=iters,
+                reduction="none",
+            )
             if not bool(torch.isfinite(val).all()):
                 break
             smallest = rel
@@ -276,7 +330,11 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
         emd(xx, q, tree).backward()
 
     res = {
-        "kind": kind, "classes": c, "batch": x.shape[0], "iters": iters, "threads": 1,
+        "kind": kind,
+        "classes": c,
+        "batch": x.shape[0],
+        "iters": iters,
+        "threads": 1,
         "exact": _time(lambda: emd(x, q, tree), reps),
         "exact_fwd_bwd": _time(exact_fb, reps),
         "ours_log": _time(lambda: sinkhorn(x, q, cost, reg=reg, tol=0.0, max_iter=iters), reps),
@@ -285,8 +343,9 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
             reps,
         ),
         "pot_solve_batch_log": _time(
-            lambda: ot.solve_batch(cost_b, reg=reg, a=p, b=q, max_iter=iters, tol=0.0, method="log_sinkhorn",
-                                   grad="detach"),
+            lambda: ot.solve_batch(
+                cost_b, reg=reg, a=p, b=q, max_iter=iters, tol=0.0, method="log_sinkhorn", grad="detach"
+            ),
             reps,
         ),
         "pot_sinkhorn2_loop": _time(
@@ -357,8 +416,10 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         rows = [r for r in results["timing"] if r["kind"] == kind]
         for key, label in TIMING_COLUMNS:
             ax.loglog([r["classes"] for r in rows], [r[key] * 1e3 for r in rows], marker="o", label=label)
-        ax.set_title(f"{kind}, batch {rows[0]['batch'] if rows else '?'}, {results['config']['timing_iters']} iterations",
-                     fontsize=9)
+        ax.set_title(
+            f"{kind}, batch {rows[0]['batch'] if rows else '?'}, {results['config']['timing_iters']} iterations",
+            fontsize=9,
+        )
         ax.set_xlabel("classes C")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per batch (forward, 1 thread)")
@@ -396,19 +457,34 @@ def report(results: dict[str, Any], plots: list[str]) -> str:
 
     lines.append("## 1. Relative error of <T, M> against the exact EMD (mean over the batch)\n")
     budgets = [str(b) for b in cfg["budgets"]]
-    rows = [[r["problem"], r["rel_reg"], r["reg"]] + [_fmt(r["by_budget"].get(b)) for b in budgets]
-            + [f"{r['rel_error']:.3g} ({r['max_iter']} it)", r["rel_error_max"]] for r in results["value_error"]]
-    lines.append(runner.markdown_table(["problem", "reg/max(M)", "reg"] + [f"{b} it" for b in budgets]
-                                       + ["at max_iter", "worst row at max_iter"], rows) + "\n")
+    rows = [
+        [r["problem"], r["rel_reg"], r["reg"]]
+        + [_fmt(r["by_budget"].get(b)) for b in budgets]
+        + [f"{r['rel_error']:.3g} ({r['max_iter']} it)", r["rel_error_max"]]
+        for r in results["value_error"]
+    ]
+    lines.append(
+        runner.markdown_table(
+            ["problem", "reg/max(M)", "reg"] + [f"{b} it" for b in budgets] + ["at max_iter", "worst row at max_iter"],
+            rows,
+        )
+        + "\n"
+    )
 
     lines.append("## 2. Plain (non-log) Sinkhorn: smallest finite reg\n")
     rows = []
     for r in results["plain_min_reg"]:
         for dt in ("float32", "float64"):
             d = r[dt]
-            rows.append([r["problem"], dt, r["max_cost"], _fmt(d["min_reg"]), _fmt(d["min_rel_reg"]), d["predicted_reg"]])
-    lines.append(runner.markdown_table(
-        ["problem", "dtype", "max(M)", "smallest finite reg (scanned)", "as reg/max(M)", "max(M)/-log(tiny)"], rows) + "\n")
+            rows.append(
+                [r["problem"], dt, r["max_cost"], _fmt(d["min_reg"]), _fmt(d["min_rel_reg"]), d["predicted_reg"]]
+            )
+    lines.append(
+        runner.markdown_table(
+            ["problem", "dtype", "max(M)", "smallest finite reg (scanned)", "as reg/max(M)", "max(M)/-log(tiny)"], rows
+        )
+        + "\n"
+    )
     lines.append("The scan steps reg down by 10^(1/8) (10^(1/4) in --quick) and stops at the first non-finite value.\n")
 
     lines.append("## 3. Gradient w.r.t. the logits against the exact closed-form gradient\n")
@@ -419,21 +495,51 @@ def report(results: dict[str, Any], plots: list[str]) -> str:
             if "skipped" in d:
                 rows.append([r["problem"], r["rel_reg"], mode, r["iters"], "—", "—", "—", d["skipped"]])
             else:
-                rows.append([r["problem"], r["rel_reg"], mode, r["iters"], d["cosine_mean"], d["cosine_min"],
-                             d["grad_rel_error"], f"{d['seconds']:.3g} s"])
-    lines.append(runner.markdown_table(
-        ["problem", "reg/max(M)", "grad", "max iter", "cosine (mean)", "cosine (min row)", "rel. error", "time"], rows) + "\n")
+                rows.append(
+                    [
+                        r["problem"],
+                        r["rel_reg"],
+                        mode,
+                        r["iters"],
+                        d["cosine_mean"],
+                        d["cosine_min"],
+                        d["grad_rel_error"],
+                        f"{d['seconds']:.3g} s",
+                    ]
+                )
+    lines.append(
+        runner.markdown_table(
+            ["problem", "reg/max(M)", "grad", "max iter", "cosine (mean)", "cosine (min row)", "rel. error", "time"],
+            rows,
+        )
+        + "\n"
+    )
 
     lines.append("## 4. Iterations to reach 1% mean relative value error\n")
-    rows = [[r["problem"], r["rel_reg"], _fmt(r["iters_to_1pct"]) if r["iters_to_1pct"] else f"> {r['max_iter']}",
-             r["rel_error"]] for r in results["iterations"]]
+    rows = [
+        [
+            r["problem"],
+            r["rel_reg"],
+            _fmt(r["iters_to_1pct"]) if r["iters_to_1pct"] else f"> {r['max_iter']}",
+            r["rel_error"],
+        ]
+        for r in results["iterations"]
+    ]
     lines.append(runner.markdown_table(["problem", "reg/max(M)", "iterations", "error at budget end"], rows) + "\n")
 
     lines.append("## 5. Time per batch (forward, float32, one thread, ms; best of the repeats)\n")
-    rows = [[r["kind"], r["classes"], r["batch"], r["iters"]] + [r[k] * 1e3 for k, _ in TIMING_COLUMNS]
-            + [r["ours_log"] / r["exact"]] for r in results["timing"]]
-    lines.append(runner.markdown_table(["kind", "C", "batch", "iters"] + [lab for _, lab in TIMING_COLUMNS]
-                                       + ["log Sinkhorn / exact"], rows) + "\n")
+    rows = [
+        [r["kind"], r["classes"], r["batch"], r["iters"]]
+        + [r[k] * 1e3 for k, _ in TIMING_COLUMNS]
+        + [r["ours_log"] / r["exact"]]
+        for r in results["timing"]
+    ]
+    lines.append(
+        runner.markdown_table(
+            ["kind", "C", "batch", "iters"] + [lab for _, lab in TIMING_COLUMNS] + ["log Sinkhorn / exact"], rows
+        )
+        + "\n"
+    )
     for p in plots:
         lines.append(f"![{p}]({p})\n")
     return "\n".join(lines)
@@ -445,15 +551,21 @@ def summary(results: dict[str, Any]) -> str:
         rows = [r for r in results["value_error"] if r["problem"] == prob]
         if rows:
             best = min(rows, key=lambda r: r["rel_error"])
-            out.append(f"{prob}: best mean rel. error {best['rel_error']:.2e} at reg/max(M)={best['rel_reg']:g} "
-                       f"({best['max_iter']} it)")
+            out.append(
+                f"{prob}: best mean rel. error {best['rel_error']:.2e} at reg/max(M)={best['rel_reg']:g} "
+                f"({best['max_iter']} it)"
+            )
     for r in results["plain_min_reg"]:
-        out.append(f"{r['problem']}: plain Sinkhorn finite down to reg {_fmt(r['float32']['min_reg'])} (float32), "
-                   f"{_fmt(r['float64']['min_reg'])} (float64)")
+        out.append(
+            f"{r['problem']}: plain Sinkhorn finite down to reg {_fmt(r['float32']['min_reg'])} (float32), "
+            f"{_fmt(r['float64']['min_reg'])} (float64)"
+        )
     if results["timing"]:
         r = max(results["timing"], key=lambda r: r["classes"])
-        out.append(f"{r['kind']} C={r['classes']}: log Sinkhorn {r['ours_log'] * 1e3:.1f} ms vs exact "
-                   f"{r['exact'] * 1e3:.2f} ms ({r['ours_log'] / r['exact']:.0f}x)")
+        out.append(
+            f"{r['kind']} C={r['classes']}: log Sinkhorn {r['ours_log'] * 1e3:.1f} ms vs exact "
+            f"{r['exact'] * 1e3:.2f} ms ({r['ours_log'] / r['exact']:.0f}x)"
+        )
     return "\n".join(out)
 
 
@@ -473,7 +585,9 @@ def run(args: argparse.Namespace) -> int:
     for name, tree in probs.items():
         big = name.startswith("imagenet")
         for rel in config["imagenet_rel_regs"] if big else config["rel_regs"]:
-            units.append((f"value/{name}/{rel}", lambda n=name, t=tree, r=rel, b=big: value_and_iterations(n, t, r, config, b)))
+            units.append(
+                (f"value/{name}/{rel}", lambda n=name, t=tree, r=rel, b=big: value_and_iterations(n, t, r, config, b))
+            )
             units.append((f"grad/{name}/{rel}", lambda n=name, t=tree, r=rel, b=big: gradients(n, t, r, config, b)))
         units.append((f"plain/{name}", lambda n=name, t=tree, b=big: plain_min_reg(n, t, config, b)))
     for kind in ("chain", "tree"):
@@ -495,8 +609,10 @@ def run(args: argparse.Namespace) -> int:
         "value_error": [{k: v for k, v in r.items() if k != "envelope_full_budget"} for r in values],
         "plain_min_reg": [v for k, v in done.items() if k.startswith("plain/")],
         "gradient": [v for k, v in done.items() if k.startswith("grad/")],
-        "iterations": [{k: r[k] for k in ("problem", "rel_reg", "reg", "iters_to_1pct", "max_iter", "rel_error", "trace")}
-                       for r in values],
+        "iterations": [
+            {k: r[k] for k in ("problem", "rel_reg", "reg", "iters_to_1pct", "max_iter", "rel_error", "trace")}
+            for r in values
+        ],
         "timing": [v for k, v in done.items() if k.startswith("time/")],
     }
     plots = _plots(results, out)
@@ -505,4 +621,3 @@ def run(args: argparse.Namespace) -> int:
     print(summary(results))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(plots)} plots")
     return 0
-
