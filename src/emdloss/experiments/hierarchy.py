@@ -190,7 +190,8 @@ def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
             sm = [summarize(results[f"imagenet/{k}"][loss], [metric])[metric] for k in sizes]
             ax.errorbar(sizes, [m for m, _ in sm], yerr=[s for _, s in sm], marker="o", ms=3, capsize=2, label=loss)
         ax.set_xscale("log")
-        ax.set_xlabel("training examples a class (ImageNet tree, generated features)")
+        ax.set_xlabel("training examples a class")
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
+    fig.suptitle("ImageNet-1k WordNet tree, generated features (soft labels coincide with ce)", fontsize=10)
     runner.save_figure(fig, path)
