@@ -193,5 +193,5 @@ def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
         ax.set_xlabel("training examples a class")
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
-    fig.suptitle("ImageNet-1k WordNet tree, generated features (soft labels coincide with ce)", fontsize=10)
+    fig.suptitle("ImageNet-1k WordNet tree, generated features", fontsize=10)
     runner.save_figure(fig, path)
