@@ -43,6 +43,7 @@ class FusedTreeEMDFunction(torch.autograd.Function):
         p = torch.softmax(xc, dim=1) if from_logits else xc
         p = p.contiguous()
         need_grad = bool(ctx.needs_input_grad[0])
+        numba_cpu.follow_torch_threads()
         loss, grad = numba_cpu.tree_rows(
             p.numpy(),
             hard.detach().contiguous().numpy() if hard is not None else None,

@@ -91,26 +91,81 @@ def cached_distance_rows(tree: Tree, dtype: np.dtype) -> np.ndarray:
     return found
 
 
-@njit(inline="always")
-def _cost(f, w, rho):
-    """w |f|^rho."""
-    a = abs(f)
-    if rho == 1.0:
-        return w * a
-    if rho == 2.0:
-        return w * a * a
-    return w * a**rho
+# ---------------------------------------------------------------------- per-edge cost and its derivative
+# One pair per exponent class. The kernels receive the pair as arguments, so numba compiles a specialised
+# copy of the row loops for each (no test of rho inside the loops; rho = 1 and 2 avoid pow entirely).
 
 
 @njit(inline="always")
-def _dcost(f, w, rho):
-    """d/df of w |f|^rho, branch-free in the sign (flows of both signs are common: no mispredictions)."""
-    sign = (1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0)  # compiles to selects
-    if rho == 1.0:
-        return w * sign
-    if rho == 2.0:
-        return 2.0 * w * f
-    return rho * w * sign * abs(f) ** (rho - 1.0)
+def _cost_rho1(f, w, rho):
+    return w * abs(f)
+
+
+@njit(inline="always")
+def _dcost_rho1(f, w, rho):
+    return w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0))  # branch-free sign: selects
+
+
+@njit(inline="always")
+def _cost_rho2(f, w, rho):
+    return w * f * f
+
+
+@njit(inline="always")
+def _dcost_rho2(f, w, rho):
+    return 2.0 * w * f
+
+
+@njit(inline="always")
+def _cost_pow(f, w, rho):
+    return w * abs(f) ** rho
+
+
+@njit(inline="always")
+def _dcost_pow(f, w, rho):
+    if f == 0.0:
+        return 0.0
+    return rho * w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0)) * abs(f) ** (rho - 1.0)
+
+
+@njit(inline="always")
+def _diff_soft(p, q, i, j):
+    return float(p[i, j]) - float(q[i, j])
+
+
+@njit(inline="always")
+def _diff_hard(p, q, i, j):
+    return float(p[i, j])  # the -1 at the target class is applied once per row afterwards
+
+
+# ---------------------------------------------------------------------- chains
+
+
+@njit(inline="always")
+def _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, cost, dcost):  # pragma: no cover
+    n_cls = p.shape[1]
+    suffix = 0.0
+    total = 0.0
+    for k in range(n_cls - 1, 0, -1):
+        d = float(p[i, k]) - (1.0 if k == yi else 0.0)
+        if yi < 0:
+            d -= float(q[i, k])
+        suffix += d
+        total += cost(suffix, spacing[k], rho)
+        if need_grad:
+            grad[i, k] = dcost(suffix, spacing[k], rho)
+    loss[i] = total
+    if need_grad:
+        prefix = 0.0
+        dot = 0.0
+        grad[i, 0] = 0.0
+        for k in range(1, n_cls):
+            prefix += grad[i, k]
+            grad[i, k] = prefix
+            dot += float(p[i, k]) * prefix
+        if from_logits:
+            for k in range(n_cls):
+                grad[i, k] = p[i, k] * (grad[i, k] - dot)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -118,87 +173,100 @@ def _chain_rows(p, q, y, spacing, rho, from_logits, need_grad, loss, grad):  # p
     """Chains: flows are suffix sums S_k = sum_{j >= k} d_j, k = 1..C-1, and g_j = sum_{k <= j} h_k.
 
     Three sweeps per row with the running sums in registers (no parent-pointer memory round trips).
-    ``spacing[k]`` is the length of the edge between classes k-1 and k (spacing[0] unused).
+    ``spacing[k]`` is the length of the edge between classes k-1 and k (spacing[0] unused). Soft targets
+    ``q`` (N, C), or hard ones ``y`` (N,) with ``q`` of shape (0, C).
     """
-    n_rows, n_cls = p.shape
     soft = q.shape[0] > 0
-    for i in prange(n_rows):
+    for i in prange(p.shape[0]):
         yi = -1 if soft else y[i]
-        suffix = 0.0
-        total = 0.0
-        for k in range(n_cls - 1, 0, -1):
-            d = float(p[i, k])
-            if soft:
-                d -= float(q[i, k])
-            elif k == yi:
-                d -= 1.0
-            suffix += d
-            total += _cost(suffix, spacing[k], rho)
-            if need_grad:
-                grad[i, k] = _dcost(suffix, spacing[k], rho)
-        loss[i] = total
-        if need_grad:
-            prefix = 0.0
-            dot = 0.0
-            grad[i, 0] = 0.0
-            for k in range(1, n_cls):
-                prefix += grad[i, k]
-                grad[i, k] = prefix
-                dot += float(p[i, k]) * prefix
-            if from_logits:
-                for k in range(n_cls):
-                    grad[i, k] = p[i, k] * (grad[i, k] - dot)
+        if rho == 1.0:
+            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_rho1, _dcost_rho1)
+        elif rho == 2.0:
+            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_rho2, _dcost_rho2)
+        else:
+            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_pow, _dcost_pow)
+
+
+# ---------------------------------------------------------------------- general trees
+
+
+@njit(inline="always")
+def _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad, cost, dcost, diff):  # pragma: no cover
+    n_cls = p.shape[1]
+    n_int = parent.shape[0]
+    mass = np.zeros(n_int, dtype=np.float64)
+    total = 0.0
+    for j in range(n_cls):
+        d = diff(p, q, i, j)
+        mass[slot[j]] += d
+        total += cost(d, leaf_w[j], rho)
+    if yi >= 0:  # hard target: d_y = p_y - 1
+        py = float(p[i, yi])
+        total += cost(py - 1.0, leaf_w[yi], rho) - cost(py, leaf_w[yi], rho)
+        mass[slot[yi]] -= 1.0
+    for k in range(n_int - 1, 0, -1):
+        mass[parent[k]] += mass[k]
+    # mass[k] becomes G[k], the sum of dcost over the edges from node k up to the root.
+    mass[0] = 0.0
+    for k in range(1, n_int):
+        f = mass[k]
+        total += cost(f, weight[k], rho)
+        mass[k] = mass[parent[k]] + dcost(f, weight[k], rho)
+    loss[i] = total
+    if need_grad:
+        dot = 0.0
+        for j in range(n_cls):
+            g = mass[slot[j]] + dcost(diff(p, q, i, j), leaf_w[j], rho)
+            grad[i, j] = g
+            dot += float(p[i, j]) * g
+        if yi >= 0:
+            py = float(p[i, yi])
+            g = mass[slot[yi]] + dcost(py - 1.0, leaf_w[yi], rho)
+            dot += py * (g - grad[i, yi])
+            grad[i, yi] = g
+        if from_logits:
+            for j in range(n_cls):
+                grad[i, j] = p[i, j] * (grad[i, j] - dot)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _tree_rows(p, q, y, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad):  # pragma: no cover
-    """Rows of p (N, C) against soft q (N, C) (when y[0] < 0 is not used) or hard labels y (N,).
+    """Rows of p (N, C) against soft targets q (N, C), or hard labels y (N,) with q of shape (0, C).
 
-    ``q`` has shape (N, C) for soft targets and (0, C) for hard ones.
+    Dispatches once per row to a copy of the row loops specialised for the exponent and target kind.
     """
-    n_rows, n_cls = p.shape
-    n_int = parent.shape[0]
     soft = q.shape[0] > 0
-    for i in prange(n_rows):
-        mass = np.zeros(n_int, dtype=np.float64)
+    for i in prange(p.shape[0]):
         yi = -1 if soft else y[i]
-        total = 0.0
-        for j in range(n_cls):
-            d = float(p[i, j])
-            if soft:
-                d -= float(q[i, j])
-            elif j == yi:
-                d -= 1.0
-            mass[slot[j]] += d
-            total += _cost(d, leaf_w[j], rho)
-        for k in range(n_int - 1, 0, -1):
-            mass[parent[k]] += mass[k]
-        # mass[k] becomes G[k], the sum of dcost over the edges from node k up to the root.
-        mass[0] = 0.0
-        for k in range(1, n_int):
-            f = mass[k]
-            total += _cost(f, weight[k], rho)
-            mass[k] = mass[parent[k]] + _dcost(f, weight[k], rho)
-        loss[i] = total
-        if need_grad:
-            dot = 0.0
-            for j in range(n_cls):
-                d = float(p[i, j])
-                if soft:
-                    d -= float(q[i, j])
-                elif j == yi:
-                    d -= 1.0
-                g = mass[slot[j]] + _dcost(d, leaf_w[j], rho)
-                grad[i, j] = g
-                dot += float(p[i, j]) * g
-            if from_logits:
-                for j in range(n_cls):
-                    grad[i, j] = p[i, j] * (grad[i, j] - dot)
+        if soft:
+            if rho == 1.0:
+                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                          _cost_rho1, _dcost_rho1, _diff_soft)
+            elif rho == 2.0:
+                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                          _cost_rho2, _dcost_rho2, _diff_soft)
+            else:
+                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                          _cost_pow, _dcost_pow, _diff_soft)
+        elif rho == 1.0:
+            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                      _cost_rho1, _dcost_rho1, _diff_hard)
+        elif rho == 2.0:
+            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                      _cost_rho2, _dcost_rho2, _diff_hard)
+        else:
+            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
+                      _cost_pow, _dcost_pow, _diff_hard)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _distance_rows(p, y, dist, from_logits, need_grad, loss, grad):  # pragma: no cover
-    """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j]; dL/dp = D[y_i]; through softmax p (D[y] - L)."""
+def _distance_rows(p, y, dist, depth, from_logits, need_grad, loss, grad):  # pragma: no cover
+    """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j].
+
+    dL/dp_j = D[y, j] - depth(y): the sum of w_e sign(f_e) over the edges above j, with the signs of
+    interior flows (-1 on the path to y, +1 off it), the same subgradient as the reference backend.
+    Through the softmax the constant cancels: dL/dx = p (D[y] - L).
+    """
     n_rows, n_cls = p.shape
     for i in prange(n_rows):
         row = dist[y[i]]
@@ -211,8 +279,9 @@ def _distance_rows(p, y, dist, from_logits, need_grad, loss, grad):  # pragma: n
                 for j in range(n_cls):
                     grad[i, j] = p[i, j] * (row[j] - total)
             else:
+                shift = depth[y[i]]
                 for j in range(n_cls):
-                    grad[i, j] = row[j]
+                    grad[i, j] = row[j] - shift
 
 
 def tree_rows(
@@ -236,7 +305,8 @@ def tree_rows(
         return loss, grad if need_grad else None
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
         dist = cached_distance_rows(tree, p.dtype)
-        _distance_rows(p, hard, dist, from_logits, need_grad, loss, grad)
+        depth = tree.depth()[tree.classes].astype(p.dtype)
+        _distance_rows(p, hard, dist, depth, from_logits, need_grad, loss, grad)
     else:
         q = soft if soft is not None else np.empty((0, c), dtype=p.dtype)
         y = hard if hard is not None else np.empty(0, dtype=np.int64)
@@ -248,6 +318,11 @@ def tree_rows(
     return loss, grad if need_grad else None
 
 
-def num_threads() -> int:
-    return int(numba.get_num_threads())
+def follow_torch_threads() -> None:
+    """Run the kernels on as many threads as torch uses (``torch.set_num_threads`` governs both)."""
+    import torch
+
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
 
