@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         "params": list(PARAMS),
         "losses": list(LOSSES),
         "seeds": seeds,
-        "steps": 12 if args.tiny else 100 if quick else 300,
+        "steps": 12 if args.tiny else 60 if quick else 300,
         "lr": {"logits": 0.05, "network": 0.003},
         "tol": args.tol,
         "sinkhorn": "reg = 0.05 * max cost, max_iter 50, tol 1e-4, plain (scaling) iterations; tree only"
