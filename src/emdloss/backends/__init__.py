@@ -17,10 +17,21 @@ from torch import Tensor
 from ..tree import Tree
 from . import torch_ops
 
-try:  # numba is a core dependency, but a broken install must still leave the reference path working
-    from . import numba_cpu
-except ImportError:  # pragma: no cover
-    numba_cpu = None  # type: ignore[assignment]
+_numba_cpu = None  # imported on first use: numba takes a second to import and pulls in scipy
+
+
+def numba_kernels():
+    """The fused CPU module, imported on first use; None if numba cannot be imported."""
+    global _numba_cpu
+    if _numba_cpu is None:
+        try:  # numba is a core dependency, but a broken install must still leave the reference path working
+            from . import numba_cpu
+        except ImportError:  # pragma: no cover
+            _numba_cpu = False
+        else:
+            _numba_cpu = numba_cpu
+    return _numba_cpu or None
+
 
 BACKENDS = ("auto", "torch", "numba")
 
@@ -43,8 +54,9 @@ class FusedTreeEMDFunction(torch.autograd.Function):
         p = torch.softmax(xc, dim=1) if from_logits else xc
         p = p.contiguous()
         need_grad = bool(ctx.needs_input_grad[0])
-        numba_cpu.follow_torch_threads()
-        loss, grad = numba_cpu.tree_rows(
+        kernels = numba_kernels()
+        kernels.follow_torch_threads()
+        loss, grad = kernels.tree_rows(
             p.numpy(),
             hard.detach().contiguous().numpy() if hard is not None else None,
             soft.detach().to(compute).contiguous().numpy() if soft is not None else None,
@@ -77,7 +89,7 @@ def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str
     if backend == "auto":
         backend = os.environ.get("EMDLOSS_BACKEND", "auto")
     fused_ok = (
-        numba_cpu is not None
+        numba_kernels() is not None
         and x.device.type == "cpu"
         and not (soft is not None and soft.requires_grad)
         and not torch.compiler.is_compiling()
