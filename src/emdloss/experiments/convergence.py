@@ -183,11 +183,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(curves: dict[str, Any], tol: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     panels = [(t, p) for t in curves for p in curves[t]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     colors = {loss: f"C{i}" for i, loss in enumerate(LOSSES)}  # one colour per loss in every panel

@@ -157,11 +157,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(results: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (task_name, (title, _)) in zip(axes, TASKS.items()):
         for loss in DEMO_LOSSES:

@@ -179,11 +179,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["top1", "mistake_severity", "hdist@5"]):
         for loss in LOSSES:

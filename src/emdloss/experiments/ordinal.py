@@ -122,11 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(results: dict[str, Any], datasets: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     width = 0.8 / len(LOSSES)
     for ax, metric in zip(axes, ["mae", "qwk"]):

@@ -63,6 +63,16 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files, never to a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (PNG unless the suffix says otherwise) and close it."""
     buf = io.BytesIO()

@@ -360,11 +360,7 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plots(results: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     names = []
     probs = sorted({r["problem"] for r in results["value_error"]}, key=list(results["problems"]).index)
 
