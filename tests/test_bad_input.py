@@ -117,3 +117,19 @@ def test_custom_ignore_index_and_validation_flag() -> None:
     assert full[1] == 0 and full[3] == 0 and full[0] > 0
     # validate=False skips value checks: an out-of-range index is then the caller's responsibility
     emd(logits(), torch.tensor([0, 1, 2, 0]), TREE, validate=False)
+
+
+def test_minus_infinity_logits_mask_classes_like_cross_entropy() -> None:
+    """-inf logits mean probability 0 (a common masking idiom) and are accepted, as by cross_entropy;
+    a row that is -inf everywhere has no distribution and raises."""
+    x = logits()
+    x[:, 2] = float("-inf")
+    y = torch.tensor([0, 1, 0, 1])
+    masked = emd(x, y, TREE, reduction="none")
+    assert torch.isfinite(masked).all()
+    p = torch.softmax(x, 1)
+    assert (p[:, 2] == 0).all()
+    torch.testing.assert_close(masked, emd(p, y, TREE, from_logits=False, reduction="none"))
+    x[0] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or infinite logits"):
+        emd(x, y, TREE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,7 @@ class Rows:
     soft: Tensor | None
     keep: Tensor | None
     out_shape: tuple[int, ...]
+    check_logits: bool = False
 
 
 def sum_tolerance(num_classes: int, dtype: torch.dtype) -> float:
@@ -74,6 +76,7 @@ def to_rows(
     ignore_index: int,
     validate: bool | None,
     device: torch.device | None = None,
+    defer_logits_check: bool = False,
 ) -> Rows:
     """Check ``input``/``target`` against ``torch.nn.CrossEntropyLoss`` conventions and flatten them.
 
@@ -82,6 +85,8 @@ def to_rows(
         target: (N,) / (N, d1, ..., dk) integer class indices, or a floating tensor of ``input``'s shape.
         num_classes: C expected by the tree or cost matrix.
         device: the device of the tree's index tensors, when the caller has them placed already.
+        defer_logits_check: leave the finite-logits check to :func:`check_finite_loss` on the per-row loss
+            (M values instead of M x C); -inf logits (probability 0, as in ``cross_entropy``) then pass.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -131,17 +136,7 @@ def to_rows(
                 f"class-index target must have shape {out_shape} for input of shape {tuple(input.shape)}, "
                 f"got {tuple(target.shape)}"
             )
-        hard = target.reshape(-1).long()
-        ignored = hard == ignore_index
-        if values and hard.numel():
-            bad = ((hard < 0) | (hard >= num_classes)) & ~ignored
-            if bool(bad.any()):
-                first = int(hard[bad][0])
-                raise ValueError(
-                    f"target contains class index {first}, outside [0, {num_classes}) (and not ignore_index={ignore_index})"
-                )
-        keep = (~ignored).to(torch.float32)
-        hard = torch.where(ignored, torch.zeros((), dtype=hard.dtype, device=hard.device), hard)
+        hard, keep = _class_indices(target.reshape(-1), num_classes, ignore_index, values)
         rows = Rows(x=x, hard=hard, soft=None, keep=keep, out_shape=out_shape)
     else:
         raise TypeError(
@@ -151,9 +146,53 @@ def to_rows(
     if values and x.numel():
         if not from_logits:
             _check_distribution(x, "input (probabilities, from_logits=False)")
-        elif not _all_finite(x):
+        elif not defer_logits_check and not _all_finite(x):
             raise ValueError("input contains NaN or infinite logits")
+    rows.check_logits = bool(values and from_logits and defer_logits_check)
     return rows
+
+
+def check_finite_loss(loss: Tensor, rows: Rows) -> None:
+    """The deferred logits check: NaN or +inf logits make their row's softmax, hence its loss, NaN."""
+    if rows.check_logits and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
+        if not _all_finite(rows.x):
+            raise ValueError("input contains NaN or infinite logits")
+
+
+def _tracing() -> bool:
+    """True under torch.compile or a torch.func transform, where tensors cannot go through numpy."""
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return torch.compiler.is_compiling() or bool(functorch is not None and functorch())
+
+
+def _class_indices(hard: Tensor, num_classes: int, ignore_index: int, values: bool) -> tuple[Tensor, Tensor]:
+    """(M,) class indices -> (indices with ignored ones set to 0 (int64), keep mask (float32)).
+
+    With ``values``, an index outside [0, C) that is not ``ignore_index`` raises. On the CPU this runs in
+    numpy: a handful of operations on M integers, each far cheaper there than a torch op's overhead.
+    """
+    if hard.device.type == "cpu" and not _tracing():
+        h = hard.numpy().astype(np.int64, copy=False)
+        ignored = h == ignore_index
+        if values and h.size:
+            bad = ((h < 0) | (h >= num_classes)) & ~ignored
+            if bad.any():
+                raise ValueError(
+                    f"target contains class index {int(h[bad][0])}, outside [0, {num_classes}) "
+                    f"(and not ignore_index={ignore_index})"
+                )
+        return torch.from_numpy(np.where(ignored, 0, h)), torch.from_numpy((~ignored).astype(np.float32))
+    hard = hard.long()
+    ignored = hard == ignore_index
+    if values and hard.numel():
+        bad = ((hard < 0) | (hard >= num_classes)) & ~ignored
+        if bool(bad.any()):
+            raise ValueError(
+                f"target contains class index {int(hard[bad][0])}, outside [0, {num_classes}) "
+                f"(and not ignore_index={ignore_index})"
+            )
+    keep = (~ignored).to(torch.float32)
+    return torch.where(ignored, torch.zeros((), dtype=hard.dtype, device=hard.device), hard), keep
 
 
 def _same_device(a: torch.device | str, b: torch.device) -> bool:

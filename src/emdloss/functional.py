@@ -59,9 +59,16 @@ def emd(
     rho = _checks.check_rho(rho)
     _checks.check_reduction(reduction)
     rows = _checks.to_rows(
-        input, target, tree.num_classes, from_logits=from_logits, ignore_index=ignore_index, validate=validate
+        input,
+        target,
+        tree.num_classes,
+        from_logits=from_logits,
+        ignore_index=ignore_index,
+        validate=validate,
+        defer_logits_check=True,
     )
     loss = tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits, backend)
+    _checks.check_finite_loss(loss, rows)
     return _checks.reduce(loss, rows.keep, reduction, rows.out_shape)
 
 
