@@ -178,7 +178,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
     loss = EMDLoss(tree, rho=1.0)(model(x), y)
     loss.backward()
-    assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-12)
+    assert float(got["loss"]) == pytest.approx(float(loss.detach()), rel=1e-12)
     for g, p in zip(got["grads"], model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
     single = HierarchicalMetrics(tree, k=3)
