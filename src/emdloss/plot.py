@@ -50,13 +50,6 @@ def _target_dist(target: Any, c: int) -> tuple[np.ndarray, int | None]:
     return _as_dist(target, c, "target"), None
 
 
-def _hop_depth(tree: Tree) -> np.ndarray:
-    hops = np.zeros(tree.num_nodes, dtype=np.int64)
-    for v in tree.preorder[1:].tolist():
-        hops[v] = hops[tree.parents[v]] + 1
-    return hops
-
-
 def select_nodes(tree: Tree, flow: np.ndarray, keep: Sequence[int] = (), max_nodes: int = 40) -> np.ndarray:
     """Ancestor-closed set of at most ~``max_nodes`` nodes: the nodes ``keep`` (with their ancestors), then
     the children of the edges with the largest ``|flow|`` (flow per node, 0 at the root) and their
@@ -88,7 +81,7 @@ def tidy_layout(tree: Tree, mask: np.ndarray | None = None) -> dict[int, tuple[f
     successive x in DFS pre-order, parents centred over their first and last drawn child, y = -hops."""
     if mask is None:
         mask = np.ones(tree.num_nodes, dtype=bool)
-    hops = _hop_depth(tree)
+    hops = tree.depth(hops=True)
     order = [v for v in tree.preorder.tolist() if mask[v]]
     kids: dict[int, list[int]] = {v: [] for v in order}
     for v in order:

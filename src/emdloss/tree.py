@@ -82,6 +82,8 @@ class Tree:
         "subtree_end",
         "edge_nodes",
         "_depth",
+        "_hops",
+        "_is_chain",
         "_dist_cache",
         "_hash",
         "_derived",
@@ -205,6 +207,12 @@ class Tree:
         object.__setattr__(self, "edge_nodes", edge_nodes)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "root", root)
+        object.__setattr__(self, "_hops", None)
+        object.__setattr__(
+            self,
+            "_is_chain",
+            bool(classes_arr.size == n and np.array_equal(classes_arr, preorder) and np.all(subtree_end == n)),
+        )
         object.__setattr__(self, "_dist_cache", None)
         object.__setattr__(self, "_hash", None)
         # Backends cache their own index arrays here (e.g. tensors per device); never part of equality.
@@ -326,14 +334,18 @@ class Tree:
     @property
     def is_chain(self) -> bool:
         """True when the tree is a path whose classes are its nodes in path order (ordinal classes)."""
-        n = self.num_nodes
-        return bool(
-            self.num_classes == n and np.array_equal(self.classes, self.preorder) and np.all(self.subtree_end == n)
-        )
+        return self._is_chain
 
-    def depth(self) -> np.ndarray:
-        """(num_nodes,) weighted distance of each node from the root."""
-        return self._depth
+    def depth(self, hops: bool = False) -> np.ndarray:
+        """(num_nodes,) float64 distance of each node from the root: weighted, or in edges if ``hops``."""
+        if not hops:
+            return self._depth
+        if self._hops is None:
+            h = np.zeros(self.num_nodes, dtype=np.float64)
+            _fill_depth(h, self.preorder, self.parents[self.preorder[1:]], np.ones(self.num_nodes - 1))
+            h.setflags(write=False)
+            object.__setattr__(self, "_hops", h)
+        return self._hops
 
     def distance_matrix(self) -> np.ndarray:
         """(num_classes, num_classes) float64 tree metric: the length of the path between two classes.
@@ -513,7 +525,7 @@ def _class_shared_depth(tree: Tree, weighted: bool) -> np.ndarray:
     practice O(C * nodes).
     """
     n = tree.num_nodes
-    depth = tree.depth() if weighted else _hop_depth(tree)
+    depth = tree.depth(hops=not weighted)
     pos = tree.position
     end = tree.subtree_end
     class_pos = pos[tree.classes]
@@ -532,13 +544,6 @@ def _class_shared_depth(tree: Tree, weighted: bool) -> np.ndarray:
             painted[lo : end[lo]] = depth[v]
         out[k] = painted[class_pos]
     return out
-
-
-def _hop_depth(tree: Tree) -> np.ndarray:
-    """(num_nodes,) number of edges between each node and the root."""
-    hops = np.zeros(tree.num_nodes, dtype=np.float64)
-    _fill_depth(hops, tree.preorder, tree.parents[tree.preorder[1:]], np.ones(tree.num_nodes - 1))
-    return hops
 
 
 def _class_distances(tree: Tree) -> np.ndarray:

@@ -42,14 +42,6 @@ def ancestor_matrix(tree: Tree) -> np.ndarray:
     return a
 
 
-def _hop_depth(tree: Tree) -> np.ndarray:
-    parents = np.asarray(tree.parents)
-    depth = np.zeros(tree.num_nodes, dtype=np.int64)
-    for v in np.asarray(tree.preorder)[1:]:  # parents come first in pre-order
-        depth[v] = depth[parents[v]] + 1
-    return depth
-
-
 class HXELoss(nn.Module):
     """Hierarchical cross-entropy (see the module docstring). ``alpha >= 0``; mean over the batch."""
 
@@ -61,7 +53,7 @@ class HXELoss(nn.Module):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         self.alpha = float(alpha)
         anc = ancestor_matrix(tree)  # (nodes, C)
-        lam = np.exp(-self.alpha * _hop_depth(tree))
+        lam = np.exp(-self.alpha * tree.depth(hops=True))
         parents = np.asarray(tree.parents)
         # coef[y, v]: the loss is -sum_v coef[y, v] * log P(v); each non-root v on y's path adds
         # +lambda(v) at v and -lambda(v) at its parent.
