@@ -81,12 +81,15 @@ def cached_chain_spacing(tree: Tree) -> np.ndarray:
     return found
 
 
-def cached_distance_rows(tree: Tree, dtype: np.dtype) -> np.ndarray:
-    """The tree's C x C distance matrix in ``dtype``, cached on the tree."""
+def cached_distance_rows(tree: Tree, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The tree's C x C distance matrix and the (C,) weighted depth of each class, in ``dtype``, cached."""
     key = ("numba_distance", np.dtype(dtype).str)
     found = tree._derived.get(key)
     if found is None:
-        found = np.ascontiguousarray(tree.distance_matrix(), dtype=dtype)
+        found = (
+            np.ascontiguousarray(tree.distance_matrix(), dtype=dtype),
+            np.ascontiguousarray(tree.depth()[tree.classes], dtype=dtype),
+        )
         tree._derived[key] = found
     return found
 
@@ -304,8 +307,7 @@ def tree_rows(
     if n == 0:
         return loss, grad if need_grad else None
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
-        dist = cached_distance_rows(tree, p.dtype)
-        depth = tree.depth()[tree.classes].astype(p.dtype)
+        dist, depth = cached_distance_rows(tree, p.dtype)
         _distance_rows(p, hard, dist, depth, from_logits, need_grad, loss, grad)
     else:
         q = soft if soft is not None else np.empty((0, c), dtype=p.dtype)
