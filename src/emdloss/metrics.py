@@ -23,6 +23,7 @@ Distance and LCA matrices are cached on the tree (``tree._derived``), per device
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -130,19 +131,25 @@ def topk_accuracy(logits: Tensor, target: Tensor, k: int = 1) -> float:
     return float((top == t[:, None]).any(dim=1).double().mean())
 
 
+def _mean_over_mistakes(
+    pred: Tensor, target: Tensor, tree: Tree, pair_matrix: Callable[[Tree, torch.device], Tensor]
+) -> float:
+    """Mean of ``pair_matrix(tree)[pred_i, target_i]`` over the samples with ``pred_i != target_i`` (NaN if none)."""
+    _check_tree(tree)
+    p, t = _check_pair(pred, target, tree.num_classes)
+    wrong = p != t
+    if not bool(wrong.any()):
+        return math.nan
+    return float(pair_matrix(tree, p.device)[p[wrong], t[wrong]].mean())
+
+
 def mistake_severity(pred: Tensor, target: Tensor, tree: Tree) -> float:
     """Mean tree distance ``D[pred_i, target_i]`` over the samples with ``pred_i != target_i``.
 
     Args:
         pred, target: (N,) class indices. Returns NaN when there is no mistake.
     """
-    _check_tree(tree)
-    p, t = _check_pair(pred, target, tree.num_classes)
-    wrong = p != t
-    if not bool(wrong.any()):
-        return math.nan
-    d = _distance_tensor(tree, p.device)
-    return float(d[p[wrong], t[wrong]].mean())
+    return _mean_over_mistakes(pred, target, tree, _distance_tensor)
 
 
 def lca_mistake_height(pred: Tensor, target: Tensor, tree: Tree) -> float:
@@ -152,13 +159,7 @@ def lca_mistake_height(pred: Tensor, target: Tensor, tree: Tree) -> float:
     ImageNet/iNaturalist trees have every class at the deepest level; edge weights are ignored. NaN when
     there is no mistake.
     """
-    _check_tree(tree)
-    p, t = _check_pair(pred, target, tree.num_classes)
-    wrong = p != t
-    if not bool(wrong.any()):
-        return math.nan
-    h = _lca_height_tensor(tree, p.device)
-    return float(h[p[wrong], t[wrong]].mean())
+    return _mean_over_mistakes(pred, target, tree, _lca_height_tensor)
 
 
 def hierarchical_distance_topk(logits: Tensor, target: Tensor, tree: Tree, k: int = 5) -> float:
