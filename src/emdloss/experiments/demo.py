@@ -27,7 +27,7 @@ import torch
 
 from ..tree import Tree
 from . import runner
-from .training import small_model_cpu, chain_metrics, make_loss, mlp, standardize, summarize, train, tree_metrics
+from .training import chain_metrics, loss_table, make_loss, mlp, small_model_cpu, standardize, train, tree_metrics
 
 DEMO_LOSSES = ("ce", "emd", "relaxed")
 LABELS = {"ce": "cross-entropy", "emd": "EMD (rho=1)", "relaxed": "relaxed EMD (rho=2)"}
@@ -137,11 +137,7 @@ def _run(args: argparse.Namespace) -> int:
 
     text = [runner.report_header("emdloss demo", config)]
     for task_name, (title, keys) in TASKS.items():
-        rows = []
-        for loss in DEMO_LOSSES:
-            s = summarize(results[task_name][loss], keys)
-            rows.append([LABELS[loss], *(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in keys)])
-        table = runner.markdown_table(["loss", *keys], rows)
+        table = loss_table(results[task_name], DEMO_LOSSES, keys, LABELS)
         text.append(f"## {title}\n\n{table}\n")
     arrows = ("Higher is better for accuracy, qwk and top1; lower for mae, mistake_severity (mean tree distance "
               "of the mistakes), hdist@5 and emd (mean exact EMD to the true class on the test split).")

@@ -37,6 +37,7 @@ from ..tree import Tree
 from . import runner
 from .training import (
     add_experiment_arguments,
+    loss_table,
     make_loss,
     mlp,
     num_seeds,
@@ -163,12 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     text = [runner.report_header("Hierarchical classification in the small-data regime", cfg)]
     for group, by_loss in results.items():
         t, k = group.split("/")
-        rows = []
-        for loss in LOSSES:
-            sm = summarize(by_loss[loss], METRICS)
-            rows.append([loss, *(f"{sm[m][0]:.3f} ± {sm[m][1]:.3f}" for m in METRICS)])
         text.append(f"## {titles[t]}, {k} training examples a class\n\n"
-                    + runner.markdown_table(["loss", *METRICS], rows) + "\n")
+                    + loss_table(by_loss, LOSSES, METRICS) + "\n")
     text.append("Test split, mean ± std over seeds. Higher is better for top1/top5; lower for the others "
                 "(mistake severity and LCA height are over the mistakes only).\n")
     runner.write_json(out / "results.json", {"config": cfg, "results": results})

@@ -27,6 +27,7 @@ from . import runner
 from .training import (
     add_experiment_arguments,
     chain_metrics,
+    loss_table,
     make_loss,
     mlp,
     num_seeds,
@@ -108,11 +109,7 @@ def _run(args: argparse.Namespace) -> int:
                for d in config["datasets"]}
     text = [runner.report_header("Ordinal classification on real tables (chains)", config)]
     for d in config["datasets"]:
-        rows = []
-        for loss in LOSSES:
-            sm = summarize(results[d][loss], METRICS)
-            rows.append([loss, *(f"{sm[m][0]:.3f} ± {sm[m][1]:.3f}" for m in METRICS)])
-        text.append(f"## {d}\n\n" + runner.markdown_table(["loss", *METRICS], rows) + "\n")
+        text.append(f"## {d}\n\n" + loss_table(results[d], LOSSES, METRICS) + "\n")
     text.append("Test split, mean ± std over seeds. Higher is better for accuracy and qwk; lower for mae and emd.\n")
     runner.write_json(out / "results.json", {"config": config, "results": results})
     runner.write_text(out / "report.md", "\n".join(text))

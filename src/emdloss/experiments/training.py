@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..functional import emd
 from ..tree import Tree
+from . import runner
 from .baselines import HXELoss, SoftLabelLoss
 
 LOSSES = ("ce", "emd", "relaxed", "ce+relaxed", "hxe", "soft")
@@ -128,6 +129,20 @@ def summarize(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, tuple[fl
         vals = vals[np.isfinite(vals)]
         out[k] = (float(vals.mean()) if vals.size else float("nan"), float(vals.std(ddof=1)) if vals.size > 1 else 0.0)
     return out
+
+
+def loss_table(
+    by_loss: dict[str, list[dict[str, Any]]],
+    losses: Sequence[str],
+    keys: Sequence[str],
+    labels: dict[str, str] | None = None,
+) -> str:
+    """Markdown table, one row a loss, one column a metric, cells "mean ± std" over the runs (3 decimals)."""
+    rows = []
+    for loss in losses:
+        s = summarize(by_loss[loss], list(keys))
+        rows.append([(labels or {}).get(loss, loss), *(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in keys)])
+    return runner.markdown_table(["loss", *keys], rows)
 
 
 # ---------------------------------------------------------------------- experiment plumbing
