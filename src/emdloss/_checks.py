@@ -62,8 +62,7 @@ def check_rho(rho: float) -> float:
 def should_validate(validate: bool | None, *tensors: Tensor) -> bool:
     if validate is None:
         # value checks are data-dependent control flow, which torch.func.vmap cannot trace
-        functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
-        return not functorch and all(t.device.type == "cpu" for t in tensors)
+        return not functorch_active() and all(t.device.type == "cpu" for t in tensors)
     return bool(validate)
 
 
@@ -159,10 +158,15 @@ def check_finite_loss(loss: Tensor, rows: Rows) -> None:
             raise ValueError("input contains NaN or infinite logits")
 
 
-def _tracing() -> bool:
+def functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, ...); False on torch versions without the query."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def tracing() -> bool:
     """True under torch.compile or a torch.func transform, where tensors cannot go through numpy."""
-    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return torch.compiler.is_compiling() or bool(functorch is not None and functorch())
+    return torch.compiler.is_compiling() or functorch_active()
 
 
 def _class_indices(hard: Tensor, num_classes: int, ignore_index: int, values: bool) -> tuple[Tensor, Tensor]:
@@ -171,7 +175,7 @@ def _class_indices(hard: Tensor, num_classes: int, ignore_index: int, values: bo
     With ``values``, an index outside [0, C) that is not ``ignore_index`` raises. On the CPU this runs in
     numpy: a handful of operations on M integers, each far cheaper there than a torch op's overhead.
     """
-    if hard.device.type == "cpu" and not _tracing():
+    if hard.device.type == "cpu" and not tracing():
         h = hard.numpy().astype(np.int64, copy=False)
         ignored = h == ignore_index
         if values and h.size:

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import Tensor
 
+from .._checks import tracing
 from ..tree import Tree
 from . import torch_ops
 
@@ -77,11 +78,6 @@ class FusedTreeEMDFunction(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None, None, None, None, None
 
 
-def _functorch_active() -> bool:
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
-
-
 def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str:
     """Which backend computes these rows: "numba" or "torch"."""
     if backend not in BACKENDS:
@@ -92,8 +88,7 @@ def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str
         numba_kernels() is not None
         and x.device.type == "cpu"
         and not (soft is not None and soft.requires_grad)
-        and not torch.compiler.is_compiling()
-        and not _functorch_active()
+        and not tracing()
     )
     if backend == "numba":
         if not fused_ok:
