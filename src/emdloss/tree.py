@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._atomic import write_text
 
 __all__ = ["Tree", "TreeError"]
 
@@ -398,19 +398,8 @@ class Tree:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tree as JSON, atomically (a temporary file in the same folder, then a rename)."""
-        path = Path(path)
         text = json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text(path, text, make_parents=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tree:

@@ -9,7 +9,6 @@ read, stops the run with :class:`CheckpointError` instead of silently starting o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -18,14 +17,15 @@ import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._atomic import atomic_path, write_text
 
 CHECKPOINT_NAME = "checkpoint.json"
 
@@ -35,28 +35,6 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -1,0 +1,37 @@
+"""Atomic file writes: a temporary file in the target's folder, fsync'ed, then renamed into place.
+
+``os.replace`` is atomic on POSIX, so a reader (or a run killed mid-write) sees the old file or the new one,
+never half of one. Used by ``Tree.save`` and by every experiment and benchmark output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], make_parents: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed onto ``path``."""
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike[str], text: str, make_parents: bool = True) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically."""
+    with atomic_path(path, make_parents) as tmp:
+        tmp.write_text(text, encoding="utf-8")
