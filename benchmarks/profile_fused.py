@@ -1,0 +1,73 @@
+"""Where the fused CPU path spends its time: each stage of one ImageNet-tree batch, timed separately.
+
+    python benchmarks/profile_fused.py [--rho 1] [--batch 256]
+
+Prints the 20th-percentile time of: F.cross_entropy forward+backward (the yardstick), the softmax, the fused
+numba kernel alone, the input checks, and EMDLoss forward and forward+backward. Needs the shared data
+(``emdloss.data.imagenet_tree``). See docs/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emdloss import EMDLoss, _checks
+from emdloss.backends import numba_kernels
+from emdloss.data import imagenet_tree
+
+
+def timed(fn, n: int = 300) -> float:
+    """20th-percentile wall time of ``fn()`` in ms, after a warm-up."""
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.percentile(samples, 20) * 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rho", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    tree = imagenet_tree()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(args.batch, tree.num_classes, generator=gen) * 2).requires_grad_()
+    y = torch.randint(0, tree.num_classes, (args.batch,), generator=gen)
+    loss_fn = EMDLoss(tree, rho=args.rho)
+    p = torch.softmax(x.detach(), 1).numpy()
+    kernels = numba_kernels()
+
+    def ce() -> None:
+        x.grad = None
+        F.cross_entropy(x, y).backward()
+
+    def fwd_bwd() -> None:
+        x.grad = None
+        loss_fn(x, y).backward()
+
+    stages = {
+        "F.cross_entropy fwd+bwd": ce,
+        "softmax": lambda: torch.softmax(x.detach(), 1),
+        "fused kernel (loss + gradient)": lambda: kernels.tree_rows(p, y.numpy(), None, tree, args.rho, True, True),
+        "input checks (to_rows)": lambda: _checks.to_rows(
+            x, y, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, defer_logits_check=True
+        ),
+        "EMDLoss forward": lambda: loss_fn(x, y),
+        "EMDLoss fwd+bwd": fwd_bwd,
+    }
+    print(f"ImageNet tree, batch {args.batch}, rho={args.rho}, {torch.get_num_threads()} threads")
+    for name, fn in stages.items():
+        print(f"  {name:32s} {timed(fn):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
