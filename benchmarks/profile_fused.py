@@ -57,7 +57,7 @@ def main() -> None:
     stages = {
         "F.cross_entropy fwd+bwd": ce,
         "softmax": lambda: torch.softmax(x.detach(), 1),
-        "fused kernel (loss + gradient)": lambda: kernels.tree_rows(p, y.numpy(), None, tree, args.rho, True, True),
+        "fused kernel (loss + gradient)": lambda: kernels.tree_rows(x.detach().numpy(), y.numpy(), None, tree, args.rho, True, True),
         "input checks (to_rows)": lambda: _checks.to_rows(
             x, y, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, defer_logits_check=True
         ),

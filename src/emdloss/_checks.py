@@ -76,6 +76,7 @@ def to_rows(
     validate: bool | None,
     device: torch.device | None = None,
     defer_logits_check: bool = False,
+    raw_labels: bool = False,
 ) -> Rows:
     """Check ``input``/``target`` against ``torch.nn.CrossEntropyLoss`` conventions and flatten them.
 
@@ -86,6 +87,8 @@ def to_rows(
         device: the device of the tree's index tensors, when the caller has them placed already.
         defer_logits_check: leave the finite-logits check to :func:`check_finite_loss` on the per-row loss
             (M values instead of M x C); -inf logits (probability 0, as in ``cross_entropy``) then pass.
+        raw_labels: return class indices as given (flattened, ``keep`` None), for a caller that handles
+            ``ignore_index`` and checks the range itself (the fused CPU kernel does both as it reads them).
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -135,7 +138,10 @@ def to_rows(
                 f"class-index target must have shape {out_shape} for input of shape {tuple(input.shape)}, "
                 f"got {tuple(target.shape)}"
             )
-        hard, keep = _class_indices(target.reshape(-1), num_classes, ignore_index, values)
+        if raw_labels:
+            hard, keep = target.reshape(-1), None
+        else:
+            hard, keep = _class_indices(target.reshape(-1), num_classes, ignore_index, values)
         rows = Rows(x=x, hard=hard, soft=None, keep=keep, out_shape=out_shape)
     else:
         raise TypeError(
@@ -145,7 +151,7 @@ def to_rows(
     if values and x.numel():
         if not from_logits:
             _check_distribution(x, "input (probabilities, from_logits=False)")
-        elif not defer_logits_check and not _all_finite(x):
+        elif not defer_logits_check and not all_finite(x):
             raise ValueError("input contains NaN or infinite logits")
     rows.check_logits = bool(values and from_logits and defer_logits_check)
     return rows
@@ -154,7 +160,7 @@ def to_rows(
 def check_finite_loss(loss: Tensor, rows: Rows) -> None:
     """The deferred logits check: NaN or +inf logits make their row's softmax, hence its loss, NaN."""
     if rows.check_logits and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
-        if not _all_finite(rows.x):
+        if not all_finite(rows.x):
             raise ValueError("input contains NaN or infinite logits")
 
 
@@ -178,13 +184,8 @@ def _class_indices(hard: Tensor, num_classes: int, ignore_index: int, values: bo
     if hard.device.type == "cpu" and not tracing():
         h = hard.numpy().astype(np.int64, copy=False)
         ignored = h == ignore_index
-        if values and h.size:
-            bad = ((h < 0) | (h >= num_classes)) & ~ignored
-            if bad.any():
-                raise ValueError(
-                    f"target contains class index {int(h[bad][0])}, outside [0, {num_classes}) "
-                    f"(and not ignore_index={ignore_index})"
-                )
+        if values:
+            check_labels(h, num_classes, ignore_index)
         return torch.from_numpy(np.where(ignored, 0, h)), torch.from_numpy((~ignored).astype(np.float32))
     hard = hard.long()
     ignored = hard == ignore_index
@@ -199,12 +200,22 @@ def _class_indices(hard: Tensor, num_classes: int, ignore_index: int, values: bo
     return torch.where(ignored, torch.zeros((), dtype=hard.dtype, device=hard.device), hard), keep
 
 
+def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
+    """Raise if a class index is outside [0, C) and not ``ignore_index``."""
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bad.any():
+        raise ValueError(
+            f"target contains class index {int(labels[bad][0])}, outside [0, {num_classes}) "
+            f"(and not ignore_index={ignore_index})"
+        )
+
+
 def _same_device(a: torch.device | str, b: torch.device) -> bool:
     a = torch.device(a)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _all_finite(x: Tensor) -> bool:
+def all_finite(x: Tensor) -> bool:
     """True if every entry is finite. One fast reduction; the exact elementwise test only if its sum is not
     finite (which a NaN/inf forces, and overflow of huge finite values may cause)."""
     if bool(torch.isfinite(x.sum())):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import torch_ops, tree_emd_rows
+from .backends import choose_backend, fused_tree_emd, torch_ops, tree_emd_rows
 from .sinkhorn import sinkhorn
 from .tree import Tree
 
@@ -58,6 +58,11 @@ def emd(
         raise TypeError(f"tree must be an emdloss.Tree, got {type(tree).__name__}")
     rho = _checks.check_rho(rho)
     _checks.check_reduction(reduction)
+    fused = (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and choose_backend(input, target if target.dtype.is_floating_point else None, backend) == "numba"
+    )
     rows = _checks.to_rows(
         input,
         target,
@@ -66,8 +71,11 @@ def emd(
         ignore_index=ignore_index,
         validate=validate,
         defer_logits_check=True,
+        raw_labels=fused,
     )
-    loss = tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits, backend)
+    if fused:
+        return fused_tree_emd(rows, tree, rho, from_logits, ignore_index, reduction)
+    loss = tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits)
     _checks.check_finite_loss(loss, rows)
     return _checks.reduce(loss, rows.keep, reduction, rows.out_shape)
 

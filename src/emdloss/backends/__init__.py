@@ -9,12 +9,14 @@ The fused path is used for CPU tensors unless the target needs a gradient, torch
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import tracing
+from .. import _checks
 from ..tree import Tree
 from . import torch_ops
 
@@ -41,45 +43,62 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class FusedTreeEMDFunction(torch.autograd.Function):
-    """Per-row tree EMD of logits/probabilities ``x`` (N, C), fused on the CPU; the target is constant.
+class FusedTreeEMDLoss(torch.autograd.Function):
+    """The reduced tree-EMD loss of rows ``x`` (M, C) on the CPU, in one fused kernel call.
 
-    The forward pass computes the gradient along with the loss (it costs one more sweep of the row
-    while it is in cache), and the backward pass only scales it by the incoming gradient.
+    The kernel checks the class indices, applies ``ignore_index``, and computes the gradient along with the
+    loss (one more sweep of each row while it is in cache), already scaled for the reduction; the backward
+    pass returns it as is when the incoming gradient is 1 (``loss.backward()``) and scales it otherwise.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, hard: Tensor | None, soft: Tensor | None, tree: Tree, rho: float, from_logits: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, labels: Tensor | None, soft: Tensor | None, tree: Tree, rho: float,  # type: ignore[override]
+                from_logits: bool, ignore_index: int, reduction: str, out_shape: tuple[int, ...], check_logits: bool) -> Tensor:
         compute = _compute_dtype(x.dtype)
-        xc = x.detach().to(compute)
-        p = torch.softmax(xc, dim=1) if from_logits else xc
-        p = p.contiguous()
+        xc = x.detach().to(compute).contiguous().numpy()
+        y = labels.detach().numpy().astype(np.int64, copy=False) if labels is not None else None
+        q = soft.detach().to(compute).contiguous().numpy() if soft is not None else None
+        kept = xc.shape[0] if y is None else int(np.count_nonzero(y != ignore_index))
+        scale = 1.0 / kept if reduction == "mean" and kept else 1.0
         need_grad = bool(ctx.needs_input_grad[0])
         kernels = numba_kernels()
         kernels.follow_torch_threads()
-        loss, grad = kernels.tree_rows(
-            p.numpy(),
-            hard.detach().contiguous().numpy() if hard is not None else None,
-            soft.detach().to(compute).contiguous().numpy() if soft is not None else None,
-            tree,
-            rho,
-            from_logits,
-            need_grad,
-        )
+        loss, grad = kernels.tree_rows(xc, y, q, tree, rho, from_logits, need_grad, ignore_index, scale)
+        total = float(loss.sum())
+        if not math.isfinite(total):
+            if y is not None:
+                _checks.check_labels(y, tree.num_classes, ignore_index)
+            if check_logits and not _checks.all_finite(x):
+                raise ValueError("input contains NaN or infinite logits")
+        ctx.reduction, ctx.x_dtype, ctx.scale = reduction, x.dtype, scale
         if need_grad:
             ctx.save_for_backward(torch.from_numpy(grad))
-        ctx.x_dtype = x.dtype
-        return torch.from_numpy(loss).to(x.dtype)
+        if reduction == "none":
+            return torch.from_numpy(loss).to(x.dtype).reshape(out_shape)
+        value = total if reduction == "sum" else (total / kept if kept else math.nan)
+        return torch.tensor(value, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        gx = grad * grad_out.to(grad.dtype)[:, None]
-        return gx.to(ctx.x_dtype), None, None, None, None, None
+        if ctx.reduction == "none":
+            gx = grad * grad_out.reshape(-1, 1).to(grad.dtype)
+        elif float(grad_out) != 1.0:
+            gx = grad * grad_out.to(grad.dtype)
+        else:
+            gx = grad  # autograd does not write into incoming gradients; AccumulateGrad copies what it keeps
+        return gx.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
+
+
+def fused_tree_emd(rows: _checks.Rows, tree: Tree, rho: float, from_logits: bool, ignore_index: int, reduction: str) -> Tensor:
+    """The loss of :class:`FusedTreeEMDLoss` for rows from ``_checks.to_rows(..., raw_labels=True)``."""
+    return FusedTreeEMDLoss.apply(
+        rows.x, rows.hard, rows.soft, tree, rho, from_logits, ignore_index, reduction, rows.out_shape, rows.check_logits
+    )
 
 
 def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str:
-    """Which backend computes these rows: "numba" or "torch"."""
+    """Which backend computes these rows: "numba" or "torch". ``soft`` is the target if it is a distribution."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -88,7 +107,7 @@ def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str
         numba_kernels() is not None
         and x.device.type == "cpu"
         and not (soft is not None and soft.requires_grad)
-        and not tracing()
+        and not _checks.tracing()
     )
     if backend == "numba":
         if not fused_ok:
@@ -109,9 +128,7 @@ def tree_emd_rows(
     tree: Tree,
     rho: float,
     from_logits: bool,
-    backend: str = "auto",
 ) -> Tensor:
-    """Per-row ``sum_e w_e |f_e|^rho`` (M,) for rows ``x`` (M, C) and hard (M,) or soft (M, C) targets."""
-    if choose_backend(x, soft, backend) == "numba":
-        return FusedTreeEMDFunction.apply(x, hard, soft, tree, rho, from_logits)
+    """Per-row ``sum_e w_e |f_e|^rho`` (M,) for rows ``x`` (M, C) and hard (M,) or soft (M, C) targets, in
+    torch ops (any device, any autograd use)."""
     return torch_ops.tree_emd_rows(x, hard, soft, tree, rho, from_logits)

@@ -26,6 +26,21 @@ import numpy as np
 from numba import njit, prange
 
 from ..tree import Tree
+from .simd import (
+    FASTMATH,
+    LANES,
+    lanes_add,
+    lanes_fill,
+    lanes_gather,
+    lanes_mul,
+    lanes_scatter,
+    lanes_load,
+    lanes_map,
+    lanes_one_hot,
+    lanes_store,
+    lanes_sub,
+    row_exp,
+)
 
 #: Largest class count for which hard rho=1 targets use the cached C x C distance matrix (64 MiB float32).
 DISTANCE_MATRIX_MAX_CLASSES = 4096
@@ -95,229 +110,452 @@ def cached_distance_rows(tree: Tree, dtype: np.dtype) -> tuple[np.ndarray, np.nd
 
 
 # ---------------------------------------------------------------------- per-edge cost and its derivative
-# One pair per exponent class. The kernels receive the pair as arguments, so numba compiles a specialised
-# copy of the row loops for each (no test of rho inside the loops; rho = 1 and 2 avoid pow entirely).
+# One pair per exponent class; the lane kernel is compiled once per pair (no test of rho inside its loops,
+# and rho = 1 and 2 avoid pow). The one-row kernel, for small batches, uses the generic pair.
 
 
 @njit(inline="always")
-def _cost_rho1(f, w, rho):
+def _cost_rho1(f, w, rho):  # pragma: no cover
     return w * abs(f)
 
 
 @njit(inline="always")
-def _dcost_rho1(f, w, rho):
+def _dcost_rho1(f, w, rho):  # pragma: no cover
     return w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0))  # branch-free sign: selects
 
 
 @njit(inline="always")
-def _cost_rho2(f, w, rho):
+def _cost_rho2(f, w, rho):  # pragma: no cover
     return w * f * f
 
 
 @njit(inline="always")
-def _dcost_rho2(f, w, rho):
+def _dcost_rho2(f, w, rho):  # pragma: no cover
     return 2.0 * w * f
 
 
 @njit(inline="always")
-def _cost_pow(f, w, rho):
+def _cost_pow(f, w, rho):  # pragma: no cover
     return w * abs(f) ** rho
 
 
 @njit(inline="always")
-def _dcost_pow(f, w, rho):
+def _dcost_pow(f, w, rho):  # pragma: no cover
     if f == 0.0:
         return 0.0
     return rho * w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0)) * abs(f) ** (rho - 1.0)
 
 
 @njit(inline="always")
-def _diff_soft(p, q, i, j):
-    return float(p[i, j]) - float(q[i, j])
+def _cost(f, w, rho):  # pragma: no cover
+    """``w |f|^rho``, any rho."""
+    if rho == 1.0:
+        return _cost_rho1(f, w, rho)
+    if rho == 2.0:
+        return _cost_rho2(f, w, rho)
+    return _cost_pow(f, w, rho)
 
 
 @njit(inline="always")
-def _diff_hard(p, q, i, j):
-    return float(p[i, j])  # the -1 at the target class is applied once per row afterwards
+def _dcost(f, w, rho):  # pragma: no cover
+    """``d/df w |f|^rho = rho w sign(f) |f|^(rho-1)``, 0 at f = 0 (the reference's subgradient), any rho."""
+    if rho == 1.0:
+        return _dcost_rho1(f, w, rho)
+    if rho == 2.0:
+        return _dcost_rho2(f, w, rho)
+    return _dcost_pow(f, w, rho)
 
 
-# ---------------------------------------------------------------------- chains
+# ---------------------------------------------------------------------- labels and probabilities
+# Targets reach the kernels in one form: a target distribution row ``q[qi]`` minus a one-hot at ``label``.
+# Soft targets: q (N, C) and label -1. Class indices: q a single row of zeros (qi = 0) and label y_i.
+
+IGNORED, BAD_LABEL, NO_LABEL = -1, -2, -3  # _label's answers besides a class index
 
 
 @njit(inline="always")
-def _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, cost, dcost):  # pragma: no cover
-    n_cls = p.shape[1]
+def _label(y, i, n_cls, ignore_index):  # pragma: no cover
+    """Row i's class label, IGNORED (ignore_index), BAD_LABEL (outside [0, C)), or NO_LABEL (soft targets)."""
+    if y.shape[0] == 0:
+        return NO_LABEL
+    yi = y[i]
+    if yi == ignore_index:
+        return IGNORED
+    if yi < 0 or yi >= n_cls:
+        return BAD_LABEL
+    return yi
+
+
+@njit(inline="always")
+def _skip_row(i, label, need_grad, loss, grad):  # pragma: no cover
+    """An ignored row counts 0 with no gradient; a bad label gets a NaN loss, which the caller reports."""
+    loss[i] = 0.0 if label == IGNORED else np.nan
+    if need_grad:
+        for j in range(grad.shape[1]):
+            grad[i, j] = 0.0
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _probabilities(x, i, from_logits, out, base):  # pragma: no cover
+    """``out[base : base + C]`` = softmax of row i of x (or the row itself when not ``from_logits``).
+
+    NaN or +inf logits make the row NaN (hence its loss); -inf logits get probability 0.
+    """
+    n_cls = x.shape[1]
+    if not from_logits:
+        for j in range(n_cls):
+            out[base + j] = x[i, j]
+        return
+    m = x[i, 0]
+    for j in range(1, n_cls):
+        m = max(m, x[i, j])
+    s = m - m  # zero of x's dtype: the sum runs in it, vectorised, as torch.softmax's does
+    for j in range(n_cls):
+        e = row_exp(x[i, j] - m)
+        out[base + j] = e
+        s += e
+    inv = 1 / s
+    for j in range(n_cls):
+        out[base + j] = out[base + j] * inv
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _finish_gradient(p, base, dot, from_logits, scale, grad, i):  # pragma: no cover
+    """``grad[i]`` holds g = dL/dp: take it through the softmax, ``p * (g - dot)`` with ``dot = <p, g>``
+    (when ``from_logits``), and multiply by ``scale`` (1 / kept rows for reduction="mean")."""
+    if from_logits:
+        for j in range(grad.shape[1]):
+            grad[i, j] = p[base + j] * (grad[i, j] - dot) * scale
+    elif scale != 1.0:
+        for j in range(grad.shape[1]):
+            grad[i, j] = grad[i, j] * scale
+
+
+# ---------------------------------------------------------------------- one row at a time
+# For small batches, where LANES rows of scratch would outweigh the input (see tree_rows).
+
+
+@njit(inline="always")
+def _chain_row(p, q, qi, label, spacing, rho, g):  # pragma: no cover
+    """Loss of one row; g (C,) <- dL/dp. Flows are suffix sums S_k = sum_{j >= k} d_j (k = 1..C-1, across the
+    edge between classes k-1 and k, of length spacing[k]) and dL/dp_j = sum_{k <= j} h(S_k)."""
+    n_cls = p.shape[0]
     suffix = 0.0
     total = 0.0
     for k in range(n_cls - 1, 0, -1):
-        d = float(p[i, k]) - (1.0 if k == yi else 0.0)
-        if yi < 0:
-            d -= float(q[i, k])
-        suffix += d
-        total += cost(suffix, spacing[k], rho)
-        if need_grad:
-            grad[i, k] = dcost(suffix, spacing[k], rho)
-    loss[i] = total
-    if need_grad:
-        prefix = 0.0
-        dot = 0.0
-        grad[i, 0] = 0.0
+        suffix += float(p[k]) - float(q[qi, k]) - (1.0 if k == label else 0.0)
+        total += _cost(suffix, spacing[k], rho)
+        if g.shape[0]:
+            g[k] = _dcost(suffix, spacing[k], rho)
+    if g.shape[0]:
+        g[0] = 0.0
         for k in range(1, n_cls):
-            prefix += grad[i, k]
-            grad[i, k] = prefix
-            dot += float(p[i, k]) * prefix
-        if from_logits:
-            for k in range(n_cls):
-                grad[i, k] = p[i, k] * (grad[i, k] - dot)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _chain_rows(p, q, y, spacing, rho, from_logits, need_grad, loss, grad):  # pragma: no cover
-    """Chains: flows are suffix sums S_k = sum_{j >= k} d_j, k = 1..C-1, and g_j = sum_{k <= j} h_k.
-
-    Three sweeps per row with the running sums in registers (no parent-pointer memory round trips).
-    ``spacing[k]`` is the length of the edge between classes k-1 and k (spacing[0] unused). Soft targets
-    ``q`` (N, C), or hard ones ``y`` (N,) with ``q`` of shape (0, C).
-    """
-    soft = q.shape[0] > 0
-    for i in prange(p.shape[0]):
-        yi = -1 if soft else y[i]
-        if rho == 1.0:
-            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_rho1, _dcost_rho1)
-        elif rho == 2.0:
-            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_rho2, _dcost_rho2)
-        else:
-            _chain_row(p, q, i, yi, spacing, rho, from_logits, need_grad, loss, grad, _cost_pow, _dcost_pow)
-
-
-# ---------------------------------------------------------------------- general trees
+            g[k] += g[k - 1]
+    return total
 
 
 @njit(inline="always")
-def _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad, cost, dcost, diff):  # pragma: no cover
-    n_cls = p.shape[1]
+def _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g):  # pragma: no cover
+    """Loss of one row; g (C,) <- dL/dp. The four sweeps of the module docstring."""
+    n_cls = p.shape[0]
     n_int = parent.shape[0]
-    mass = np.zeros(n_int, dtype=np.float64)
+    mass[:] = 0.0
     total = 0.0
     for j in range(n_cls):
-        d = diff(p, q, i, j)
+        d = float(p[j]) - float(q[qi, j]) - (1.0 if j == label else 0.0)
         mass[slot[j]] += d
-        total += cost(d, leaf_w[j], rho)
-    if yi >= 0:  # hard target: d_y = p_y - 1
-        py = float(p[i, yi])
-        total += cost(py - 1.0, leaf_w[yi], rho) - cost(py, leaf_w[yi], rho)
-        mass[slot[yi]] -= 1.0
+        total += _cost(d, leaf_w[j], rho)
     for k in range(n_int - 1, 0, -1):
         mass[parent[k]] += mass[k]
-    # mass[k] becomes G[k], the sum of dcost over the edges from node k up to the root.
-    mass[0] = 0.0
+    mass[0] = 0.0  # mass[k] becomes G[k], the sum of dcost over the edges from node k up to the root
     for k in range(1, n_int):
         f = mass[k]
-        total += cost(f, weight[k], rho)
-        mass[k] = mass[parent[k]] + dcost(f, weight[k], rho)
-    loss[i] = total
-    if need_grad:
-        dot = 0.0
+        total += _cost(f, weight[k], rho)
+        mass[k] = mass[parent[k]] + _dcost(f, weight[k], rho)
+    if g.shape[0]:
         for j in range(n_cls):
-            g = mass[slot[j]] + dcost(diff(p, q, i, j), leaf_w[j], rho)
-            grad[i, j] = g
-            dot += float(p[i, j]) * g
-        if yi >= 0:
-            py = float(p[i, yi])
-            g = mass[slot[yi]] + dcost(py - 1.0, leaf_w[yi], rho)
-            dot += py * (g - grad[i, yi])
-            grad[i, yi] = g
-        if from_logits:
-            for j in range(n_cls):
-                grad[i, j] = p[i, j] * (grad[i, j] - dot)
+            d = float(p[j]) - float(q[qi, j]) - (1.0 if j == label else 0.0)
+            g[j] = mass[slot[j]] + _dcost(d, leaf_w[j], rho)
+    return total
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _tree_rows(p, q, y, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad):  # pragma: no cover
-    """Rows of p (N, C) against soft targets q (N, C), or hard labels y (N,) with q of shape (0, C).
-
-    Dispatches once per row to a copy of the row loops specialised for the exponent and target kind.
-    """
-    soft = q.shape[0] > 0
-    for i in prange(p.shape[0]):
-        yi = -1 if soft else y[i]
-        if soft:
-            if rho == 1.0:
-                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                          _cost_rho1, _dcost_rho1, _diff_soft)
-            elif rho == 2.0:
-                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                          _cost_rho2, _dcost_rho2, _diff_soft)
+@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads):  # pragma: no cover
+    """One row at a time, rows split in one chunk per thread. For a chain ``weight`` holds the spacing."""
+    n, n_cls = x.shape
+    chunks = min(n, threads)
+    for t in prange(chunks):
+        p = np.empty(n_cls, dtype=x.dtype)
+        g = np.empty(n_cls if need_grad else 0, dtype=np.float64)
+        mass = np.empty(0 if chain else parent.shape[0], dtype=np.float64)
+        for i in range(t * n // chunks, (t + 1) * n // chunks):
+            label = _label(y, i, n_cls, ignore_index)
+            if label == IGNORED or label == BAD_LABEL:
+                _skip_row(i, label, need_grad, loss, grad)
+                continue
+            qi = i if q.shape[0] > 1 else 0
+            _probabilities(x, i, from_logits, p, 0)
+            if chain:
+                loss[i] = _chain_row(p, q, qi, label, weight, rho, g)
             else:
-                _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                          _cost_pow, _dcost_pow, _diff_soft)
-        elif rho == 1.0:
-            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                      _cost_rho1, _dcost_rho1, _diff_hard)
-        elif rho == 2.0:
-            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                      _cost_rho2, _dcost_rho2, _diff_hard)
-        else:
-            _tree_row(p, q, i, yi, slot, leaf_w, parent, weight, rho, from_logits, need_grad, loss, grad,
-                      _cost_pow, _dcost_pow, _diff_hard)
+                loss[i] = _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g)
+            if need_grad:
+                dot = 0.0
+                for j in range(n_cls):
+                    grad[i, j] = g[j]
+                    dot += float(p[j]) * g[j]
+                _finish_gradient(p, 0, dot, from_logits, scale, grad, i)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _distance_rows(p, y, dist, depth, from_logits, need_grad, loss, grad):  # pragma: no cover
-    """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j].
+# ---------------------------------------------------------------------- LANES rows at a time
+# The same sweeps over blocks of LANES rows, every per-node value a tuple of lanes (see .simd): the
+# dependent adds of one row overlap with those of the other rows.
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, cost, dcost):  # pragma: no cover
+    """Losses (lanes) of LANES rows whose probabilities are ``p[l * C : (l + 1) * C]``.
+
+    With ``need_grad``, ``grad[rows[l]]`` <- g = dL/dp of row l and ``dots[l]`` <- <p, g>; ``h`` (C * LANES) is scratch.
+    """
+    n_cls = spacing.shape[0]
+    offsets = (0, n_cls, 2 * n_cls, 3 * n_cls, 4 * n_cls, 5 * n_cls, 6 * n_cls, 7 * n_cls)
+    suffix = lanes_fill(0.0)
+    total = lanes_fill(0.0)
+    for k in range(n_cls - 1, 0, -1):
+        d = lanes_sub(lanes_sub(lanes_gather(p, offsets, k), lanes_gather(q_flat, q_offsets, k)), lanes_one_hot(k, labels))
+        suffix = lanes_add(suffix, d)
+        total = lanes_add(total, lanes_map(cost, suffix, spacing[k], rho))
+        if need_grad:
+            lanes_store(h, k * LANES, lanes_map(dcost, suffix, spacing[k], rho))
+    g = lanes_fill(0.0)
+    dot = lanes_fill(0.0)
+    if need_grad:
+        lanes_scatter(grad, rows, 0, g)
+        for k in range(1, n_cls):
+            g = lanes_add(g, lanes_load(h, k * LANES))
+            dot = lanes_add(dot, lanes_mul(lanes_gather(p, offsets, k), g))
+            lanes_scatter(grad, rows, k, g)
+    lanes_store(dots, 0, dot)
+    return total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots, cost, dcost):  # pragma: no cover
+    """Losses (lanes) of LANES rows whose probabilities are ``p[l * C : (l + 1) * C]``.
+
+    With ``need_grad``, ``grad[rows[l]]`` <- g = dL/dp of row l and ``dots[l]`` <- <p, g>; ``mass`` (I * LANES) and ``h`` (C * LANES)
+    are scratch.
+    """
+    n_cls = slot.shape[0]
+    n_int = parent.shape[0]
+    offsets = (0, n_cls, 2 * n_cls, 3 * n_cls, 4 * n_cls, 5 * n_cls, 6 * n_cls, 7 * n_cls)
+    mass[:] = 0.0
+    total = lanes_fill(0.0)
+    for j in range(n_cls):
+        d = lanes_sub(lanes_sub(lanes_gather(p, offsets, j), lanes_gather(q_flat, q_offsets, j)), lanes_one_hot(j, labels))
+        s = slot[j] * LANES
+        lanes_store(mass, s, lanes_add(lanes_load(mass, s), d))
+        total = lanes_add(total, lanes_map(cost, d, leaf_w[j], rho))
+        if need_grad:
+            lanes_store(h, j * LANES, lanes_map(dcost, d, leaf_w[j], rho))
+    for k in range(n_int - 1, 0, -1):
+        s = parent[k] * LANES
+        lanes_store(mass, s, lanes_add(lanes_load(mass, s), lanes_load(mass, k * LANES)))
+    lanes_store(mass, 0, lanes_fill(0.0))  # mass becomes G: the sum of dcost over the edges up to the root
+    for k in range(1, n_int):
+        f = lanes_load(mass, k * LANES)
+        total = lanes_add(total, lanes_map(cost, f, weight[k], rho))
+        lanes_store(mass, k * LANES, lanes_add(lanes_load(mass, parent[k] * LANES), lanes_map(dcost, f, weight[k], rho)))
+    dot = lanes_fill(0.0)
+    if need_grad:
+        for j in range(n_cls):
+            g = lanes_add(lanes_load(h, j * LANES), lanes_load(mass, slot[j] * LANES))
+            dot = lanes_add(dot, lanes_mul(lanes_gather(p, offsets, j), g))
+            lanes_scatter(grad, rows, j, g)
+    lanes_store(dots, 0, dot)
+    return total
+
+# One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
+# LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
+
+
+@njit(fastmath=FASTMATH)
+def _chain_rho1(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_rho1, _dcost_rho1)
+
+
+@njit(fastmath=FASTMATH)
+def _chain_rho2(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_rho2, _dcost_rho2)
+
+
+@njit(fastmath=FASTMATH)
+def _chain_pow(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_pow, _dcost_pow)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_rho1(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots,
+                       _cost_rho1, _dcost_rho1)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_rho2(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots,
+                       _cost_rho2, _dcost_rho2)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_pow(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots,
+                       _cost_pow, _dcost_pow)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads):  # pragma: no cover
+    """Blocks of LANES rows, split in one chunk of blocks per thread. For a chain ``weight`` holds the spacing.
+
+    Lanes past the last row repeat it; ignored rows and bad labels are computed against no target (their
+    outputs are then overwritten).
+    """
+    n, n_cls = x.shape
+    n_blocks = (n + LANES - 1) // LANES
+    chunks = min(n_blocks, threads)
+    q_flat = q.ravel()
+    for t in prange(chunks):
+        p = np.empty(LANES * n_cls, dtype=x.dtype)
+        h = np.empty(LANES * n_cls if need_grad else 0, dtype=np.float64)
+        mass = np.empty(0 if chain else LANES * parent.shape[0], dtype=np.float64)
+        r = np.empty(LANES, dtype=np.int64)
+        labels = np.empty(LANES, dtype=np.int64)
+        q_rows = np.empty(LANES, dtype=np.int64)
+        dots = np.empty(LANES, dtype=np.float64)
+        for b in range(t * n_blocks // chunks, (t + 1) * n_blocks // chunks):
+            for l in range(LANES):
+                i = min(b * LANES + l, n - 1)
+                r[l] = i
+                labels[l] = _label(y, i, n_cls, ignore_index)
+                q_rows[l] = (i if q.shape[0] > 1 else 0) * n_cls
+                _probabilities(x, i, from_logits, p, l * n_cls)
+            rows = (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+            lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
+            q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
+            if chain:
+                args = (p, q_flat, q_offsets, lab, weight, rho, need_grad, h, grad, rows, dots)
+                total = _chain_rho1(*args) if rho == 1.0 else _chain_rho2(*args) if rho == 2.0 else _chain_pow(*args)
+            else:
+                args = (p, q_flat, q_offsets, lab, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots)
+                total = _tree_rho1(*args) if rho == 1.0 else _tree_rho2(*args) if rho == 2.0 else _tree_pow(*args)
+            for l in range(min(LANES, n - b * LANES)):
+                i = b * LANES + l
+                if labels[l] == IGNORED or labels[l] == BAD_LABEL:
+                    _skip_row(i, labels[l], need_grad, loss, grad)
+                    continue
+                loss[i] = total[l]
+                if need_grad:
+                    _finish_gradient(p, l * n_cls, dots[l], from_logits, scale, grad, i)
+
+
+# ---------------------------------------------------------------------- hard targets, rho = 1
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def _distance_kernel(x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, threads):  # pragma: no cover
+    """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j], with the softmax fused in.
 
     dL/dp_j = D[y, j] - depth(y): the sum of w_e sign(f_e) over the edges above j, with the signs of
     interior flows (-1 on the path to y, +1 off it), the same subgradient as the reference backend.
     Through the softmax the constant cancels: dL/dx = p (D[y] - L).
     """
-    n_rows, n_cls = p.shape
-    for i in prange(n_rows):
-        row = dist[y[i]]
-        total = 0.0
-        for j in range(n_cls):
-            total += float(p[i, j]) * float(row[j])
-        loss[i] = total
-        if need_grad:
-            if from_logits:
-                for j in range(n_cls):
-                    grad[i, j] = p[i, j] * (row[j] - total)
-            else:
-                shift = depth[y[i]]
-                for j in range(n_cls):
-                    grad[i, j] = row[j] - shift
+    n, n_cls = x.shape
+    chunks = min(n, threads)
+    for t in prange(chunks):
+        p = np.empty(n_cls, dtype=x.dtype)
+        for i in range(t * n // chunks, (t + 1) * n // chunks):
+            label = _label(y, i, n_cls, ignore_index)
+            if label < 0:
+                _skip_row(i, label, need_grad, loss, grad)
+                continue
+            row = dist[label]
+            _probabilities(x, i, from_logits, p, 0)
+            total = 0.0
+            for j in range(n_cls):
+                total += float(p[j]) * float(row[j])
+            loss[i] = total
+            if need_grad:
+                if from_logits:
+                    for j in range(n_cls):
+                        grad[i, j] = p[j] * (row[j] - total) * scale
+                else:
+                    shift = depth[label]
+                    for j in range(n_cls):
+                        grad[i, j] = (row[j] - shift) * scale
+
+
+def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bool:
+    """Whether the LANES-row kernel is used: when its scratch (LANES rows of probabilities, gradients and
+    internal-node values per thread) is at most the input's size; one row at a time otherwise (tiny batches
+    of huge trees, where the lanes would mostly repeat the last row)."""
+    threads = min(numba.get_num_threads(), -(-n_rows // LANES))
+    scratch = threads * LANES * (n_cls * (itemsize + 8) + n_internal * 8)
+    return scratch <= n_rows * n_cls * itemsize
 
 
 def tree_rows(
-    p: np.ndarray,
-    hard: np.ndarray | None,
+    x: np.ndarray,
+    labels: np.ndarray | None,
     soft: np.ndarray | None,
     tree: Tree,
     rho: float,
     from_logits: bool,
     need_grad: bool,
+    ignore_index: int = -100,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-row loss (N,) float64 and, if ``need_grad``, d loss / d (logits or probabilities) (N, C).
+    """Per-row loss (N,) float64 and, if ``need_grad``, ``scale`` * d loss_i / d x_i (N, C) in x's dtype.
 
-    ``p`` (N, C) float32/float64 C-contiguous probabilities (the softmax of the logits when
-    ``from_logits``); exactly one of ``hard`` (N,) int64 and ``soft`` (N, C) of p's dtype is given.
+    Args:
+        x: (N, C) float32/float64 C-contiguous logits (probabilities when not ``from_logits``).
+        labels: (N,) int64 class indices, or None when ``soft`` (N, C) (x's dtype) is given.
+        ignore_index: label whose rows get loss 0 and gradient 0.
+    A label outside [0, C) (and not ``ignore_index``) gets a NaN loss, as do rows with NaN or +inf logits;
+    the caller turns those into errors.
     """
-    n, c = p.shape
+    n, c = x.shape
     loss = np.empty(n, dtype=np.float64)
-    grad = np.empty((n, c) if need_grad else (0, c), dtype=p.dtype)
+    grad = np.empty((n, c) if need_grad else (0, c), dtype=x.dtype)
     if n == 0:
         return loss, grad if need_grad else None
+    y = labels if labels is not None else np.empty(0, dtype=np.int64)
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
-        dist, depth = cached_distance_rows(tree, p.dtype)
-        _distance_rows(p, hard, dist, depth, from_logits, need_grad, loss, grad)
+        dist, depth = cached_distance_rows(tree, x.dtype)
+        _distance_kernel(x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, numba.get_num_threads())
+        return loss, grad if need_grad else None
+    q = soft if soft is not None else zero_row(c, x.dtype)
+    if tree.is_chain:
+        arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, cached_chain_spacing(tree))
     else:
-        q = soft if soft is not None else np.empty((0, c), dtype=p.dtype)
-        y = hard if hard is not None else np.empty(0, dtype=np.int64)
-        if tree.is_chain:
-            _chain_rows(p, q, y, cached_chain_spacing(tree), float(rho), from_logits, need_grad, loss, grad)
-            return loss, grad if need_grad else None
         it = InternalTree.cached(tree)
-        _tree_rows(p, q, y, it.slot, it.leaf_w, it.parent, it.weight, float(rho), from_logits, need_grad, loss, grad)
+        arrays = (it.slot, it.leaf_w, it.parent, it.weight)
+    n_internal = 0 if tree.is_chain else arrays[2].shape[0]
+    kernel = _lanes_kernel if lanes_pay_off(n, c, n_internal, x.itemsize) else _rows_kernel
+    kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, tree.is_chain, *arrays, float(rho), numba.get_num_threads())
     return loss, grad if need_grad else None
+
+
+_EMPTY_INT = np.empty(0, dtype=np.int64)
+_EMPTY_FLOAT = np.empty(0, dtype=np.float64)
+_ZERO_ROWS: dict[tuple[int, str], np.ndarray] = {}
+
+
+def zero_row(n_cls: int, dtype: np.dtype) -> np.ndarray:
+    """A (1, C) row of zeros: the "distribution" part of class-index targets (see the labels section)."""
+    key = (n_cls, np.dtype(dtype).str)
+    if key not in _ZERO_ROWS:
+        _ZERO_ROWS[key] = np.zeros((1, n_cls), dtype=dtype)
+    return _ZERO_ROWS[key]
 
 
 def follow_torch_threads() -> None:
@@ -327,4 +565,3 @@ def follow_torch_threads() -> None:
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
-
