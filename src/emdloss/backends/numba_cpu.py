@@ -32,7 +32,6 @@ from .simd import (
     lanes_add,
     lanes_fill,
     lanes_gather,
-    lanes_mul,
     lanes_scatter,
     lanes_load,
     lanes_map,
@@ -121,7 +120,14 @@ def _cost_rho1(f, w, rho):  # pragma: no cover
 
 @njit(inline="always")
 def _dcost_rho1(f, w, rho):  # pragma: no cover
-    return w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0))  # branch-free sign: selects
+    return w * _sign(f)
+
+
+@njit(inline="always")
+def _sign(f):  # pragma: no cover
+    """sign(f) in {-1, 0, 1} without branches (flows' signs are random, branches would mispredict): any
+    |f| >= 1e-308 saturates the clamp; float32-derived flows are 0 or at least 1.4e-45 * 1e308."""
+    return max(min(f * 1e308, 1.0), -1.0)
 
 
 @njit(inline="always")
@@ -143,7 +149,7 @@ def _cost_pow(f, w, rho):  # pragma: no cover
 def _dcost_pow(f, w, rho):  # pragma: no cover
     if f == 0.0:
         return 0.0
-    return rho * w * ((1.0 if f > 0.0 else 0.0) - (1.0 if f < 0.0 else 0.0)) * abs(f) ** (rho - 1.0)
+    return rho * w * _sign(f) * abs(f) ** (rho - 1.0)
 
 
 @njit(inline="always")
@@ -220,14 +226,18 @@ def _probabilities(x, i, from_logits, out, base):  # pragma: no cover
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _finish_gradient(p, base, dot, from_logits, scale, grad, i):  # pragma: no cover
-    """``grad[i]`` holds g = dL/dp: take it through the softmax, ``p * (g - dot)`` with ``dot = <p, g>``
-    (when ``from_logits``), and multiply by ``scale`` (1 / kept rows for reduction="mean")."""
+def _finish_gradient(p, base, from_logits, scale, grad, i):  # pragma: no cover
+    """``grad[i]`` holds g = dL/dp: take it through the softmax, ``p * (g - <p, g>)`` (when ``from_logits``),
+    and multiply by ``scale`` (1 / kept rows for reduction="mean")."""
+    n_cls = grad.shape[1]
     if from_logits:
-        for j in range(grad.shape[1]):
+        dot = 0.0
+        for j in range(n_cls):
+            dot += float(p[base + j]) * float(grad[i, j])
+        for j in range(n_cls):
             grad[i, j] = p[base + j] * (grad[i, j] - dot) * scale
     elif scale != 1.0:
-        for j in range(grad.shape[1]):
+        for j in range(n_cls):
             grad[i, j] = grad[i, j] * scale
 
 
@@ -300,11 +310,9 @@ def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gra
             else:
                 loss[i] = _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g)
             if need_grad:
-                dot = 0.0
                 for j in range(n_cls):
                     grad[i, j] = g[j]
-                    dot += float(p[j]) * g[j]
-                _finish_gradient(p, 0, dot, from_logits, scale, grad, i)
+                _finish_gradient(p, 0, from_logits, scale, grad, i)
 
 
 # ---------------------------------------------------------------------- LANES rows at a time
@@ -313,30 +321,31 @@ def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gra
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, cost, dcost):  # pragma: no cover
+def _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, cost, dcost):  # pragma: no cover
     """Losses (lanes) of LANES rows whose probabilities are ``p[l * C : (l + 1) * C]``.
 
-    With ``need_grad``, ``grad[rows[l]]`` <- g = dL/dp of row l and ``dots[l]`` <- <p, g>; ``h`` (C * LANES) is scratch.
+    With ``need_grad``, ``grad[rows[l]]`` <- dL/dp of row l; ``h`` (C * LANES) is scratch.
     """
     n_cls = spacing.shape[0]
     offsets = (0, n_cls, 2 * n_cls, 3 * n_cls, 4 * n_cls, 5 * n_cls, 6 * n_cls, 7 * n_cls)
     suffix = lanes_fill(0.0)
     total = lanes_fill(0.0)
+    soft = labels[0] == NO_LABEL
     for k in range(n_cls - 1, 0, -1):
-        d = lanes_sub(lanes_sub(lanes_gather(p, offsets, k), lanes_gather(q_flat, q_offsets, k)), lanes_one_hot(k, labels))
+        if soft:
+            d = lanes_sub(lanes_gather(p, offsets, k), lanes_gather(q_flat, q_offsets, k))
+        else:
+            d = lanes_sub(lanes_gather(p, offsets, k), lanes_one_hot(k, labels))
         suffix = lanes_add(suffix, d)
         total = lanes_add(total, lanes_map(cost, suffix, spacing[k], rho))
         if need_grad:
             lanes_store(h, k * LANES, lanes_map(dcost, suffix, spacing[k], rho))
-    g = lanes_fill(0.0)
-    dot = lanes_fill(0.0)
     if need_grad:
+        g = lanes_fill(0.0)
         lanes_scatter(grad, rows, 0, g)
         for k in range(1, n_cls):
             g = lanes_add(g, lanes_load(h, k * LANES))
-            dot = lanes_add(dot, lanes_mul(lanes_gather(p, offsets, k), g))
             lanes_scatter(grad, rows, k, g)
-    lanes_store(dots, 0, dot)
     return total
 
 
@@ -344,21 +353,36 @@ def _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad,
 def _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots, cost, dcost):  # pragma: no cover
     """Losses (lanes) of LANES rows whose probabilities are ``p[l * C : (l + 1) * C]``.
 
-    With ``need_grad``, ``grad[rows[l]]`` <- g = dL/dp of row l and ``dots[l]`` <- <p, g>; ``mass`` (I * LANES) and ``h`` (C * LANES)
-    are scratch.
+    With ``need_grad``, ``grad[rows[l]]`` <- dL/dp of row l. ``mass`` (I * LANES), ``h`` (C * LANES) and
+    ``dots`` (LANES) are scratch. A class-index target's -1 is added at its label after the class pass, so
+    that pass reads no target for them.
     """
     n_cls = slot.shape[0]
     n_int = parent.shape[0]
     offsets = (0, n_cls, 2 * n_cls, 3 * n_cls, 4 * n_cls, 5 * n_cls, 6 * n_cls, 7 * n_cls)
     mass[:] = 0.0
     total = lanes_fill(0.0)
+    soft = labels[0] == NO_LABEL
     for j in range(n_cls):
-        d = lanes_sub(lanes_sub(lanes_gather(p, offsets, j), lanes_gather(q_flat, q_offsets, j)), lanes_one_hot(j, labels))
+        d = lanes_gather(p, offsets, j)
+        if soft:
+            d = lanes_sub(d, lanes_gather(q_flat, q_offsets, j))
         s = slot[j] * LANES
         lanes_store(mass, s, lanes_add(lanes_load(mass, s), d))
         total = lanes_add(total, lanes_map(cost, d, leaf_w[j], rho))
         if need_grad:
             lanes_store(h, j * LANES, lanes_map(dcost, d, leaf_w[j], rho))
+    if not soft:  # the -1 of each row's one-hot target, at its label
+        lanes_store(dots, 0, total)
+        for l in range(LANES):
+            y = labels[l]
+            if y >= 0:
+                py = float(p[l * n_cls + y])
+                mass[slot[y] * LANES + l] -= 1.0
+                dots[l] += cost(py - 1.0, leaf_w[y], rho) - cost(py, leaf_w[y], rho)
+                if need_grad:
+                    h[y * LANES + l] = dcost(py - 1.0, leaf_w[y], rho)
+        total = lanes_load(dots, 0)
     for k in range(n_int - 1, 0, -1):
         s = parent[k] * LANES
         lanes_store(mass, s, lanes_add(lanes_load(mass, s), lanes_load(mass, k * LANES)))
@@ -367,13 +391,9 @@ def _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho,
         f = lanes_load(mass, k * LANES)
         total = lanes_add(total, lanes_map(cost, f, weight[k], rho))
         lanes_store(mass, k * LANES, lanes_add(lanes_load(mass, parent[k] * LANES), lanes_map(dcost, f, weight[k], rho)))
-    dot = lanes_fill(0.0)
     if need_grad:
         for j in range(n_cls):
-            g = lanes_add(lanes_load(h, j * LANES), lanes_load(mass, slot[j] * LANES))
-            dot = lanes_add(dot, lanes_mul(lanes_gather(p, offsets, j), g))
-            lanes_scatter(grad, rows, j, g)
-    lanes_store(dots, 0, dot)
+            lanes_scatter(grad, rows, j, lanes_add(lanes_load(h, j * LANES), lanes_load(mass, slot[j] * LANES)))
     return total
 
 # One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
@@ -381,18 +401,18 @@ def _tree_block(p, q_flat, q_offsets, labels, slot, leaf_w, parent, weight, rho,
 
 
 @njit(fastmath=FASTMATH)
-def _chain_rho1(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_rho1, _dcost_rho1)
+def _chain_rho1(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, _cost_rho1, _dcost_rho1)
 
 
 @njit(fastmath=FASTMATH)
-def _chain_rho2(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_rho2, _dcost_rho2)
+def _chain_rho2(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, _cost_rho2, _dcost_rho2)
 
 
 @njit(fastmath=FASTMATH)
-def _chain_pow(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, dots, _cost_pow, _dcost_pow)
+def _chain_pow(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, spacing, rho, need_grad, h, grad, rows, _cost_pow, _dcost_pow)
 
 
 @njit(fastmath=FASTMATH)
@@ -443,7 +463,7 @@ def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gr
             lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
             q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
             if chain:
-                args = (p, q_flat, q_offsets, lab, weight, rho, need_grad, h, grad, rows, dots)
+                args = (p, q_flat, q_offsets, lab, weight, rho, need_grad, h, grad, rows)
                 total = _chain_rho1(*args) if rho == 1.0 else _chain_rho2(*args) if rho == 2.0 else _chain_pow(*args)
             else:
                 args = (p, q_flat, q_offsets, lab, slot, leaf_w, parent, weight, rho, need_grad, mass, h, grad, rows, dots)
@@ -455,7 +475,7 @@ def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gr
                     continue
                 loss[i] = total[l]
                 if need_grad:
-                    _finish_gradient(p, l * n_cls, dots[l], from_logits, scale, grad, i)
+                    _finish_gradient(p, l * n_cls, from_logits, scale, grad, i)
 
 
 # ---------------------------------------------------------------------- hard targets, rho = 1
