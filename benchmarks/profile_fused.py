@@ -1,10 +1,11 @@
-"""Where the fused CPU path spends its time: each stage of one ImageNet-tree batch, timed separately.
+"""Where the fused CPU path spends its time: each stage of one batch, timed separately.
 
-    python benchmarks/profile_fused.py [--rho 1] [--batch 256]
+    python benchmarks/profile_fused.py [--rho 1] [--batch 256] [--soft] [--chain]
 
-Prints the 20th-percentile time of: F.cross_entropy forward+backward (the yardstick), the softmax, the fused
-numba kernel alone, the input checks, and EMDLoss forward and forward+backward. Needs the shared data
-(``emdloss.data.imagenet_tree``). See docs/speed.md.
+Prints the 20th-percentile time of: F.cross_entropy forward+backward (the yardstick), torch's softmax (for
+scale), the fused numba kernel alone (softmax, loss and gradient), the input checks, and EMDLoss forward and
+forward+backward. The tree is ImageNet's (needs the shared data, ``emdloss.data.imagenet_tree``), or a chain
+of 1,000 classes with ``--chain``. See docs/speed.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emdloss import EMDLoss, _checks
+from emdloss import EMDLoss, Tree, _checks
 from emdloss.backends import numba_kernels
 from emdloss.data import imagenet_tree
 
@@ -37,13 +38,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rho", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--soft", action="store_true", help="soft targets instead of class indices")
+    parser.add_argument("--chain", action="store_true", help="a chain of 1,000 classes instead of ImageNet's tree")
     args = parser.parse_args()
-    tree = imagenet_tree()
+    tree = Tree.chain(1000) if args.chain else imagenet_tree()
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(args.batch, tree.num_classes, generator=gen) * 2).requires_grad_()
     y = torch.randint(0, tree.num_classes, (args.batch,), generator=gen)
+    q = torch.softmax(torch.randn(args.batch, tree.num_classes, generator=gen), 1)
+    target = q if args.soft else y
     loss_fn = EMDLoss(tree, rho=args.rho)
-    p = torch.softmax(x.detach(), 1).numpy()
     kernels = numba_kernels()
 
     def ce() -> None:
@@ -52,21 +56,25 @@ def main() -> None:
 
     def fwd_bwd() -> None:
         x.grad = None
-        loss_fn(x, y).backward()
+        loss_fn(x, target).backward()
 
     stages = {
         "F.cross_entropy fwd+bwd": ce,
         "softmax": lambda: torch.softmax(x.detach(), 1),
-        "fused kernel (loss + gradient)": lambda: kernels.tree_rows(x.detach().numpy(), y.numpy(), None, tree, args.rho, True, True),
-        "input checks (to_rows)": lambda: _checks.to_rows(
-            x, y, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, defer_logits_check=True
+        "fused kernel (softmax, loss, gradient)": lambda: kernels.tree_rows(
+            x.detach().numpy(), None if args.soft else y.numpy(), q.numpy() if args.soft else None, tree, args.rho, True, True
         ),
-        "EMDLoss forward": lambda: loss_fn(x, y),
+        "input checks (to_rows)": lambda: _checks.to_rows(
+            x, target, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, defer_logits_check=True,
+            checked_by_kernel=True,
+        ),
+        "EMDLoss forward": lambda: loss_fn(x, target),
         "EMDLoss fwd+bwd": fwd_bwd,
     }
-    print(f"ImageNet tree, batch {args.batch}, rho={args.rho}, {torch.get_num_threads()} threads")
+    kind = "chain of 1,000" if args.chain else "ImageNet tree"
+    print(f"{kind}, batch {args.batch}, {'soft' if args.soft else 'hard'} targets, rho={args.rho}, {torch.get_num_threads()} threads")
     for name, fn in stages.items():
-        print(f"  {name:32s} {timed(fn):.3f} ms")
+        print(f"  {name:40s} {timed(fn):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The fused CPU kernel (backend="numba") equals the reference closed form (backend="torch"): values and
+"""The fused CPU kernels (backend="numba") equal the reference closed form (backend="torch"): values and
 gradients, on random trees (internal-node classes included), chains, hard and soft targets, rho in
-{1, 1.5, 2, 3}, logits or probabilities, in float64, float32, bfloat16 and float16; and it is the CPU default."""
+{1, 1.5, 2, 3}, logits or probabilities, in float64, float32, bfloat16 and float16, through both the
+eight-row lane kernel and the one-row kernel; and they are the CPU default."""
 
 from __future__ import annotations
 
@@ -96,6 +97,15 @@ def assert_backends_agree(tree, target, rho, from_logits, dtype, seed=0, modulo_
     torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=gtol * max(scale, 1e-30))
 
 
+@pytest.fixture(params=["lanes", "one-row"])
+def kernel(request, monkeypatch):
+    """Run the test through one of the two fused tree kernels (the choice is normally by batch size)."""
+    from emdloss.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "lanes_pay_off", lambda *args: request.param == "lanes")
+    return request.param
+
+
 def distance_matrix_path(target: str, rho: float, from_logits: bool) -> bool:
     """Hard targets, rho = 1, probability input: the fused backend's dL/dp is the distance row D[y], which is
     the reference's gradient plus the constant depth(y) (the same on the simplex)."""
@@ -107,7 +117,7 @@ def distance_matrix_path(target: str, rho: float, from_logits: bool) -> bool:
 @pytest.mark.parametrize("rho", RHOS)
 @pytest.mark.parametrize("target", ["hard", "soft"])
 @pytest.mark.parametrize("kind", ["random-internal", "deep", "bushy", "chain"])
-def test_fused_equals_reference(kind, target, rho, from_logits, dtype):
+def test_fused_equals_reference(kind, target, rho, from_logits, dtype, kernel):
     modulo = distance_matrix_path(target, rho, from_logits)
     assert_backends_agree(make_tree(kind, seed=len(kind)), target, rho, from_logits, dtype, modulo_constant=modulo)
 
@@ -143,7 +153,7 @@ def test_fused_equals_reference_beyond_the_distance_matrix_size(kind, rho):
             torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-5 * float(g_ref.abs().max()))
 
 
-def test_imagenet_tree_agrees():
+def test_imagenet_tree_agrees(kernel):
     from _helpers import shared_data_or_skip
 
     shared_data_or_skip()
@@ -181,7 +191,7 @@ def test_target_gradient_through_the_fallback_matches_autograd():
 
 @pytest.mark.parametrize("rho", RHOS)
 @pytest.mark.parametrize("kind", ["random-internal", "chain"])
-def test_sparse_distributions(kind, rho):
+def test_sparse_distributions(kind, rho, kernel):
     """Exact zeros in p and q: values agree; gradients too where the cost is smooth at f = 0 (rho >= 2)."""
     tree = make_tree(kind, seed=11)
     for target in ("hard", "soft"):
@@ -193,3 +203,65 @@ def test_sparse_distributions(kind, rho):
             if distance_matrix_path(target, rho, False):  # pragma: no cover - rho >= 2 never takes it
                 continue
             torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-9 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n", [1, 8, 13])
+@pytest.mark.parametrize("kind", ["random-internal", "chain"])
+def test_ignored_rows_partial_blocks_and_reductions(kind, n, reduction, kernel):
+    """Rows with ignore_index inside a block of lanes, blocks that end past the last row, every reduction and
+    an upstream gradient other than 1: the same values and gradients as the reference."""
+    tree = make_tree(kind, seed=2)
+    rng = np.random.default_rng(n)
+    x0 = torch.as_tensor(rng.normal(size=(n, tree.num_classes)) * 2, dtype=torch.float32)
+    y = torch.as_tensor(rng.integers(0, tree.num_classes, n))
+    y[::3] = -100 if n > 1 else y[::3]
+    for rho in (1.0, 2.0, 1.5):
+        results = []
+        for backend in ("torch", "numba"):
+            x = x0.clone().requires_grad_()
+            loss = emd(x, y, tree, rho=rho, reduction=reduction, backend=backend)
+            (loss * 1.7).sum().backward()
+            results.append((loss.detach(), x.grad))
+        (v_ref, g_ref), (v_fast, g_fast) = results
+        torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-5 * max(float(g_ref.abs().max()), 1e-6))
+        if n > 1:
+            assert float(g_fast[0].abs().max()) == 0.0  # an ignored row has no gradient
+
+
+def test_loss_backward_hands_back_the_kernel_gradient():
+    """With reduction="mean" and loss.backward(), the gradient is the kernel's, already divided by the number
+    of kept rows; a second backward through a retained graph gives it again."""
+    tree = Tree.chain(6)
+    x = torch.randn(4, 6).requires_grad_()
+    y = torch.tensor([0, 5, -100, 2])
+    loss = emd(x, y, tree, rho=2.0, backend="numba")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    x.grad = None
+    emd(x, y, tree, rho=2.0, backend="torch").backward()
+    torch.testing.assert_close(first, x.grad, rtol=0, atol=1e-6)
+
+
+def test_vectorised_exp_is_accurate_and_handles_the_extremes():
+    """simd.exp_f32 (the fused softmax's exp): within 3e-7 of exp over the float32 range of softmax arguments,
+    exactly 0 where float32 exp underflows and at -inf, NaN for NaN."""
+    from numba import njit
+
+    from emdloss.backends.simd import exp_f32
+
+    @njit
+    def apply(xs):  # pragma: no cover - compiled
+        out = np.empty_like(xs)
+        for i in range(xs.size):
+            out[i] = exp_f32(xs[i])
+        return out
+
+    xs = np.linspace(-87.3, 0.0, 200_001).astype(np.float32)
+    exact = np.exp(xs.astype(np.float64))
+    assert np.max(np.abs(apply(xs) - exact) / exact) < 3e-7
+    extremes = apply(np.array([-87.4, -1e30, -np.inf, np.nan, 0.0], dtype=np.float32))
+    assert extremes[:3].tolist() == [0.0, 0.0, 0.0] and np.isnan(extremes[3]) and extremes[4] == 1.0

@@ -119,6 +119,13 @@ def test_custom_ignore_index_and_validation_flag() -> None:
     emd(logits(), torch.tensor([0, 1, 2, 0]), TREE, validate=False)
 
 
+def test_fused_cpu_path_checks_class_indices_even_without_validation() -> None:
+    """The fused CPU kernel reads every label anyway, so it never indexes out of range: validate=False or not."""
+    for validate in (None, False):
+        with pytest.raises(ValueError, match="class index 5, outside \\[0, 3\\)"):
+            emd(logits(), torch.tensor([0, 5, 2, 0]), TREE, validate=validate, backend="numba")
+
+
 def test_minus_infinity_logits_mask_classes_like_cross_entropy() -> None:
     """-inf logits mean probability 0 (a common masking idiom) and are accepted, as by cross_entropy;
     a row that is -inf everywhere has no distribution and raises."""

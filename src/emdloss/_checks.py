@@ -32,6 +32,7 @@ class Rows:
     keep: Tensor | None
     out_shape: tuple[int, ...]
     check_logits: bool = False
+    check_soft: bool = False  # the soft target's values are still to be checked (by the fused kernel)
 
 
 def sum_tolerance(num_classes: int, dtype: torch.dtype) -> float:
@@ -76,7 +77,7 @@ def to_rows(
     validate: bool | None,
     device: torch.device | None = None,
     defer_logits_check: bool = False,
-    raw_labels: bool = False,
+    checked_by_kernel: bool = False,
 ) -> Rows:
     """Check ``input``/``target`` against ``torch.nn.CrossEntropyLoss`` conventions and flatten them.
 
@@ -87,8 +88,9 @@ def to_rows(
         device: the device of the tree's index tensors, when the caller has them placed already.
         defer_logits_check: leave the finite-logits check to :func:`check_finite_loss` on the per-row loss
             (M values instead of M x C); -inf logits (probability 0, as in ``cross_entropy``) then pass.
-        raw_labels: return class indices as given (flattened, ``keep`` None), for a caller that handles
-            ``ignore_index`` and checks the range itself (the fused CPU kernel does both as it reads them).
+        checked_by_kernel: leave the value checks of the target to the caller (the fused CPU path, whose
+            kernels check class indices and soft targets as they read them): class indices come back as
+            given (flattened, ``keep`` None), ``ignore_index`` included.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -129,7 +131,7 @@ def to_rows(
                 "class-index targets must be an integer tensor"
             )
         soft = target.movedim(1, -1).reshape(-1, num_classes) if spatial else target
-        if values:
+        if values and not checked_by_kernel:
             _check_distribution(soft, "target")
         rows = Rows(x=x, hard=None, soft=soft, keep=None, out_shape=out_shape)
     elif target.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -138,7 +140,7 @@ def to_rows(
                 f"class-index target must have shape {out_shape} for input of shape {tuple(input.shape)}, "
                 f"got {tuple(target.shape)}"
             )
-        if raw_labels:
+        if checked_by_kernel:
             hard, keep = target.reshape(-1), None
         else:
             hard, keep = _class_indices(target.reshape(-1), num_classes, ignore_index, values)
@@ -154,6 +156,7 @@ def to_rows(
         elif not defer_logits_check and not all_finite(x):
             raise ValueError("input contains NaN or infinite logits")
     rows.check_logits = bool(values and from_logits and defer_logits_check)
+    rows.check_soft = bool(values and checked_by_kernel and rows.soft is not None)
     return rows
 
 
@@ -230,17 +233,22 @@ def _check_distribution(t: Tensor, name: str) -> None:
     t = t.detach()
     # Two reductions, no (N, C) temporaries: a NaN/inf anywhere makes its row sum non-finite.
     sums = t.sum(dim=-1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(sums).all()):
+    finite = bool(torch.isfinite(sums).all())
+    check_distribution_stats(
+        name, finite, float(t.amin()) if finite else 0.0, float((sums - 1).abs().max()) if finite else 0.0, t.shape[-1], t.dtype
+    )
+
+
+def check_distribution_stats(name: str, finite: bool, low: float, worst: float, num_classes: int, dtype: torch.dtype) -> None:
+    """Raise unless rows are a distribution: all ``finite``, smallest entry ``low`` >= 0, largest distance
+    ``worst`` of a row sum from 1 within :func:`sum_tolerance`."""
+    if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
-    low = float(t.amin())
     if low < 0:
         raise ValueError(f"{name} has negative entries (min {low:.3g}); it must be a distribution")
-    tol = sum_tolerance(t.shape[-1], t.dtype)
-    worst = float((sums - 1).abs().max())
+    tol = sum_tolerance(num_classes, dtype)
     if worst > tol:
-        raise ValueError(
-            f"{name} rows must sum to 1 (tolerance {tol:.2g}); the worst row is off by {worst:.3g}"
-        )
+        raise ValueError(f"{name} rows must sum to 1 (tolerance {tol:.2g}); the worst row is off by {worst:.3g}")
 
 
 def reduce(loss: Tensor, keep: Tensor | None, reduction: str, out_shape: tuple[int, ...]) -> Tensor:

@@ -71,7 +71,7 @@ def emd(
         ignore_index=ignore_index,
         validate=validate,
         defer_logits_check=True,
-        raw_labels=fused,
+        checked_by_kernel=fused,
     )
     if fused:
         return fused_tree_emd(rows, tree, rho, from_logits, ignore_index, reduction)

@@ -53,16 +53,19 @@ class FusedTreeEMDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, labels: Tensor | None, soft: Tensor | None, tree: Tree, rho: float,  # type: ignore[override]
-                from_logits: bool, ignore_index: int, reduction: str, out_shape: tuple[int, ...], check_logits: bool) -> Tensor:
+                from_logits: bool, ignore_index: int, reduction: str, out_shape: tuple[int, ...], check_logits: bool,
+                check_soft: bool) -> Tensor:
         compute = _compute_dtype(x.dtype)
         xc = x.detach().to(compute).contiguous().numpy()
         y = labels.detach().numpy().astype(np.int64, copy=False) if labels is not None else None
         q = soft.detach().to(compute).contiguous().numpy() if soft is not None else None
+        kernels = numba_kernels()
+        kernels.follow_torch_threads()
+        if q is not None and check_soft:
+            _checks.check_distribution_stats("target", *kernels.distribution_stats(q), q.shape[1], soft.dtype)
         kept = xc.shape[0] if y is None else int(np.count_nonzero(y != ignore_index))
         scale = 1.0 / kept if reduction == "mean" and kept else 1.0
         need_grad = bool(ctx.needs_input_grad[0])
-        kernels = numba_kernels()
-        kernels.follow_torch_threads()
         loss, grad = kernels.tree_rows(xc, y, q, tree, rho, from_logits, need_grad, ignore_index, scale)
         total = float(loss.sum())
         if not math.isfinite(total):
@@ -87,13 +90,14 @@ class FusedTreeEMDLoss(torch.autograd.Function):
             gx = grad * grad_out.to(grad.dtype)
         else:
             gx = grad  # autograd does not write into incoming gradients; AccumulateGrad copies what it keeps
-        return gx.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
+        return gx.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def fused_tree_emd(rows: _checks.Rows, tree: Tree, rho: float, from_logits: bool, ignore_index: int, reduction: str) -> Tensor:
-    """The loss of :class:`FusedTreeEMDLoss` for rows from ``_checks.to_rows(..., raw_labels=True)``."""
+    """The loss of :class:`FusedTreeEMDLoss` for rows from ``_checks.to_rows(..., checked_by_kernel=True)``."""
     return FusedTreeEMDLoss.apply(
-        rows.x, rows.hard, rows.soft, tree, rho, from_logits, ignore_index, reduction, rows.out_shape, rows.check_logits
+        rows.x, rows.hard, rows.soft, tree, rho, from_logits, ignore_index, reduction, rows.out_shape,
+        rows.check_logits, rows.check_soft
     )
 
 

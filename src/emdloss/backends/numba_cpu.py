@@ -514,6 +514,33 @@ def _distance_kernel(x, y, ignore_index, dist, depth, from_logits, need_grad, sc
                         grad[i, j] = (row[j] - shift) * scale
 
 
+@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def _row_sums_and_negatives(q, sums, negatives):  # pragma: no cover
+    """Row sums of q (in q's precision, as torch.sum's) and counts of negative entries: vectorised loops
+    (a running minimum would not be)."""
+    for i in prange(q.shape[0]):
+        s = q[i, 0] - q[i, 0]
+        neg = 0.0
+        for j in range(q.shape[1]):
+            s += q[i, j]
+            neg += 1.0 if q[i, j] < 0 else 0.0
+        sums[i] = s
+        negatives[i] = neg
+
+
+def distribution_stats(q: np.ndarray) -> tuple[bool, float, float]:
+    """(all finite, smallest entry, largest |row sum - 1|) of ``q`` (N, C), for ``_checks.check_distribution_stats``
+    (the smallest entry only when negative, else 0)."""
+    if q.size == 0:
+        return True, 0.0, 0.0
+    sums = np.empty(q.shape[0], dtype=np.float64)
+    negatives = np.empty(q.shape[0], dtype=np.float64)
+    _row_sums_and_negatives(q, sums, negatives)
+    if not np.isfinite(sums).all():  # a NaN or inf anywhere makes its row's sum NaN or inf
+        return False, 0.0, 0.0
+    return True, float(q.min()) if negatives.any() else 0.0, float(np.abs(sums - 1).max())
+
+
 def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bool:
     """Whether the LANES-row kernel is used: when its scratch (LANES rows of probabilities, gradients and
     internal-node values per thread) is at most the input's size; one row at a time otherwise (tiny batches
