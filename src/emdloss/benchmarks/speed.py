@@ -681,8 +681,8 @@ def run_memory(tree: str, batch: int, cfg: Config) -> dict[str, Any]:
 
 
 def compile_child(t0: float) -> None:
-    """First-call times of the fused kernels (float32 logits; chain, tree; hard, soft; rho 1, 2, 1.5);
-    ``t0`` is the time before ``import emdloss``."""
+    """First-call times of the fused kernels (float32 logits; chain, tree; hard, soft; rho 1, 2, 1.5; batch 1
+    and 256, which take the one-row and the lane kernel); ``t0`` is the time before ``import emdloss``."""
     out: dict[str, Any] = {"import_s": time.perf_counter() - t0, "calls": {}}
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
@@ -690,10 +690,11 @@ def compile_child(t0: float) -> None:
         tree = build_tree(tree_name)
         for kind in ("hard", "soft"):
             for rho in (1.0, 2.0, 1.5):
-                x, target = make_inputs(8, tree.num_classes, kind, gen)
-                t = time.perf_counter()
-                make_step(EMDLoss(tree, rho=rho, backend="numba"), x, target)()
-                out["calls"][f"{tree_name} {kind} rho={rho:g}"] = time.perf_counter() - t
+                for batch in (1, 256):
+                    x, target = make_inputs(batch, tree.num_classes, kind, gen)
+                    t = time.perf_counter()
+                    make_step(EMDLoss(tree, rho=rho, backend="numba"), x, target)()
+                    out["calls"][f"{tree_name} {kind} rho={rho:g} batch {batch}"] = time.perf_counter() - t
     out["total_s"] = time.perf_counter() - t0
     import numba
 
@@ -1117,7 +1118,7 @@ def report(result: dict[str, Any], cfg: Config) -> str:
             elif v:
                 lines.append(
                     f"- {label} numba cache: first calls {v['total_s']:.1f} s in all "
-                    f"({len(v['calls'])} signatures), import {v['import_s']:.1f} s; numba threads "
+                    f"({len(v['calls'])} first calls), import {v['import_s']:.1f} s; numba threads "
                     f"{v['numba_threads']}, torch threads {v['torch_threads']}"
                 )
         parts.append("\n".join(lines) + "\n")
