@@ -1,7 +1,9 @@
-"""Backends compute per-row tree EMD losses; :func:`tree_emd_rows` is the one dispatch point.
+"""Backends compute tree EMD losses: :func:`choose_backend` picks one per call.
 
-- :mod:`.torch_ops`: the reference closed form in torch ops, any device, any autograd use.
-- :mod:`.numba_cpu`: one fused pass per row on the CPU (the default there when numba imports).
+- :mod:`.torch_ops`: the reference closed form in torch ops, any device, any autograd use
+  (:func:`tree_emd_rows`: per-row losses, reduced by the caller).
+- :mod:`.numba_cpu`: fused kernels on the CPU, the default there when numba imports
+  (:func:`fused_tree_emd`: the reduced loss, from one kernel call).
 
 The fused path is used for CPU tensors unless the target needs a gradient, torch is tracing
 (``torch.compile``, ``torch.func``), or ``EMDLOSS_BACKEND=torch`` is set in the environment.

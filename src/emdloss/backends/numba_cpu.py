@@ -1,4 +1,4 @@
-"""Fused CPU backend: one pass per row (flows, loss and gradient), parallel over rows with numba.
+"""Fused CPU backend: softmax, flows, loss and gradient of each row in one kernel call, parallel with numba.
 
 The reference backend touches the whole (N, nodes) batch a dozen times; here each row is done while it
 sits in cache. Only the tree's *internal* nodes need a buffer: a leaf class's edge carries exactly
@@ -12,9 +12,19 @@ itself when it is internal, else its parent) and internal nodes numbered in DFS 
     dL/dp_j = g_j = G[slot[j]] + h(d_j, leafw_j),     h(f, w) = rho w sign(f) |f|^(rho-1)
     dL/dx_j = p_j (g_j - <p, g>)              through the softmax
 
-Sums run in float64 scalars. For hard targets with rho = 1 and a moderate number of classes the loss is
-``sum_j p_j D[j, y]`` (the expected tree distance to the true class), one dot product per row with a
-cached float32 distance matrix. The softmax itself is torch's (vectorised exp), done before the kernel.
+Sums run in float64 scalars. Three kernels, chosen by :func:`tree_rows`:
+
+- ``_lanes_kernel``: blocks of LANES = 8 rows, every per-node value a tuple of lanes (see :mod:`.simd`), so
+  that the dependent adds of the sweeps overlap across rows; the default.
+- ``_rows_kernel``: one row at a time, for batches too small for the lanes' scratch to pay (``lanes_pay_off``).
+- ``_distance_kernel``: hard targets with rho = 1 and a moderate number of classes, where the loss is
+  ``sum_j p_j D[j, y]`` (the expected tree distance to the true class): one dot product per row with a
+  cached distance matrix.
+
+All three compute the softmax themselves (:func:`.simd.exp_f32` keeps it vectorised), read class indices raw
+(``ignore_index`` rows: loss 0, gradient 0; out-of-range ones: loss NaN, for the caller to report) and write
+the gradient times ``scale`` (the reduction's 1 / kept rows), so that the autograd Function around them does
+no work of its own.
 """
 
 from __future__ import annotations

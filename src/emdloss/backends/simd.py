@@ -3,8 +3,9 @@
 **Lanes.** A tree sweep does one dependent add per node (``mass[parent] += mass[child]``), so one row at a
 time is bound by latency, not arithmetic. The kernels therefore sweep :data:`LANES` rows together: every
 per-node quantity is stored as ``LANES`` consecutive float64 values (``buf[k * LANES + l]`` for row ``l``) and
-handled as a tuple of ``LANES`` scalars. A tuple is a value, not memory, so LLVM needs no alias analysis to
-keep the lanes in registers and apply each operation to all of them (one AVX-512 or two AVX2 instructions).
+handled as a tuple of ``LANES`` scalars. A tuple is a value, not memory, so the lanes stay in registers with
+no aliasing question between them, and the eight independent chains of adds overlap in the CPU's pipeline.
+(They run as scalar instructions: numba leaves LLVM's SLP vectoriser off, and turning it on did not help.)
 The helpers below spell the eight lanes out, since numba cannot build tuples in a loop.
 
 **exp.** numba's ``math.exp`` is a libm call per element, about five times slower than torch's vectorised
@@ -125,11 +126,6 @@ def lanes_add(u, v):  # pragma: no cover - compiled
 @njit(inline="always")
 def lanes_sub(u, v):  # pragma: no cover - compiled
     return (u[0] - v[0], u[1] - v[1], u[2] - v[2], u[3] - v[3], u[4] - v[4], u[5] - v[5], u[6] - v[6], u[7] - v[7])
-
-
-@njit(inline="always")
-def lanes_mul(u, v):  # pragma: no cover - compiled
-    return (u[0] * v[0], u[1] * v[1], u[2] * v[2], u[3] * v[3], u[4] * v[4], u[5] * v[5], u[6] * v[6], u[7] * v[7])
 
 
 @njit(inline="always")
