@@ -163,28 +163,31 @@ def _dcost_pow(f, w, rho):  # pragma: no cover
 
 
 @njit(inline="always")
+def _by_rho(f, w, rho, for_rho1, for_rho2, for_pow):  # pragma: no cover
+    """The member of a (rho = 1, rho = 2, any rho) triple that applies to ``rho``, applied to (f, w)."""
+    if rho == 1.0:
+        return for_rho1(f, w, rho)
+    if rho == 2.0:
+        return for_rho2(f, w, rho)
+    return for_pow(f, w, rho)
+
+
+@njit(inline="always")
 def _cost(f, w, rho):  # pragma: no cover
     """``w |f|^rho``, any rho."""
-    if rho == 1.0:
-        return _cost_rho1(f, w, rho)
-    if rho == 2.0:
-        return _cost_rho2(f, w, rho)
-    return _cost_pow(f, w, rho)
+    return _by_rho(f, w, rho, _cost_rho1, _cost_rho2, _cost_pow)
 
 
 @njit(inline="always")
 def _dcost(f, w, rho):  # pragma: no cover
     """``d/df w |f|^rho = rho w sign(f) |f|^(rho-1)``, 0 at f = 0 (the reference's subgradient), any rho."""
-    if rho == 1.0:
-        return _dcost_rho1(f, w, rho)
-    if rho == 2.0:
-        return _dcost_rho2(f, w, rho)
-    return _dcost_pow(f, w, rho)
+    return _by_rho(f, w, rho, _dcost_rho1, _dcost_rho2, _dcost_pow)
 
 
 # ---------------------------------------------------------------------- labels and probabilities
 # Targets reach the kernels in one form: a target distribution row ``q[qi]`` minus a one-hot at ``label``.
-# Soft targets: q (N, C) and label -1. Class indices: q a single row of zeros (qi = 0) and label y_i.
+# Soft targets: q (N, C) and label NO_LABEL. Class indices: q a single row of zeros (qi = 0) and label y_i
+# (the lane kernel adds their -1 after its class pass instead of reading them per class).
 
 IGNORED, BAD_LABEL, NO_LABEL = -1, -2, -3  # _label's answers besides a class index
 
