@@ -49,6 +49,7 @@ from .simd import (
     lanes_store,
     lanes_sub,
     row_exp,
+    row_max,
 )
 
 #: Largest class count for which hard rho=1 targets use the cached C x C distance matrix (64 MiB float32).
@@ -225,9 +226,7 @@ def _probabilities(x, i, from_logits, out, base):  # pragma: no cover
         for j in range(n_cls):
             out[base + j] = x[i, j]
         return
-    m = x[i, 0]
-    for j in range(1, n_cls):
-        m = max(m, x[i, j])
+    m = row_max(x[i])
     s = m - m  # zero of x's dtype: the sum runs in it, vectorised, as torch.softmax's does
     for j in range(n_cls):
         e = row_exp(x[i, j] - m)

@@ -44,6 +44,42 @@ def _float32_from_bits(typingctx, bits):  # pragma: no cover - compiled
     return sig, codegen
 
 
+@intrinsic
+def _float64_from_bits(typingctx, bits):  # pragma: no cover - compiled
+    """Reinterpret an int64's bits as a float64 (no conversion)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def max_f32(row):  # pragma: no cover - compiled
+    """``max(row)`` of a float32 row, vectorised through the integers: LLVM does not vectorise a float maximum
+    without ``nnan`` on the comparison, which numba does not set. Flipping the non-sign bits of negative
+    floats makes their int32 order the float order, and an integer maximum vectorises. A positive NaN wins
+    (and makes the whole row NaN downstream); a negative one may lose, but stays NaN through the exp."""
+    bits = row.view(np.int32)
+    top = np.int32(-2147483648)
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        top = max(top, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return _float32_from_bits(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(inline="always")
+def max_f64(row):  # pragma: no cover - compiled
+    """:func:`max_f32` for float64 rows (int64 bits)."""
+    bits = row.view(np.int64)
+    top = np.int64(-9223372036854775808)
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        top = max(top, b ^ ((b >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+    return _float64_from_bits(top ^ ((top >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def exp_f32(x):  # pragma: no cover - compiled
     """``exp(x)`` for float32 ``x <= 0`` (softmax arguments), Cephes ``expf``: x = n ln2 + r, |r| <= ln2/2."""
@@ -144,6 +180,18 @@ def lanes_one_hot(j, y):  # pragma: no cover - compiled
         1.0 if y[0] == j else 0.0, 1.0 if y[1] == j else 0.0, 1.0 if y[2] == j else 0.0, 1.0 if y[3] == j else 0.0,
         1.0 if y[4] == j else 0.0, 1.0 if y[5] == j else 0.0, 1.0 if y[6] == j else 0.0, 1.0 if y[7] == j else 0.0,
     )  # fmt: skip
+
+
+def row_max(row):  # pragma: no cover - replaced by the overload below inside compiled code
+    """``max`` of a contiguous float row: :func:`max_f32` or :func:`max_f64`."""
+    raise NotImplementedError("row_max is only callable from numba-compiled code")
+
+
+@overload(row_max, inline="always")
+def _row_max_overload(row):
+    if row.dtype == types.float32:
+        return lambda row: max_f32(row)
+    return lambda row: max_f64(row)
 
 
 def row_exp(x):  # pragma: no cover - replaced by the overload below inside compiled code
