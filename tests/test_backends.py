@@ -265,3 +265,22 @@ def test_vectorised_exp_is_accurate_and_handles_the_extremes():
     assert np.max(np.abs(apply(xs) - exact) / exact) < 3e-7
     extremes = apply(np.array([-87.4, -1e30, -np.inf, np.nan, 0.0], dtype=np.float32))
     assert extremes[:3].tolist() == [0.0, 0.0, 0.0] and np.isnan(extremes[3]) and extremes[4] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_maximum_through_the_integers(dtype):
+    """simd.row_max (the fused softmax's shift) equals numpy's max on mixed-sign, all-negative and -inf rows,
+    and a (positive) NaN wins."""
+    from numba import njit
+
+    from emdloss.backends.simd import row_max
+
+    @njit
+    def apply(row):  # pragma: no cover - compiled
+        return row_max(row)
+
+    rng = np.random.default_rng(0)
+    for row in (rng.normal(size=1001), -rng.uniform(0.1, 5.0, size=17), np.array([-np.inf, -3.0, -np.inf]), np.zeros(1)):
+        row = row.astype(dtype)
+        assert apply(row) == row.max()
+    assert np.isnan(apply(np.array([1.0, np.nan, 2.0], dtype=dtype)))

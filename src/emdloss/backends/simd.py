@@ -34,50 +34,19 @@ _EXP_MIN = np.float32(-87.33654)  # exp of anything below underflows float32
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):  # pragma: no cover - compiled
-    """Reinterpret an int32's bits as a float32 (no conversion)."""
-    sig = types.float32(types.int32)
+def _float_from_bits(typingctx, bits, like):  # pragma: no cover - compiled
+    """The float of ``like``'s type (float32 or float64) whose bits are the low bits of the integer ``bits``:
+    a reinterpretation, no conversion. (numba widens int32 arithmetic to int64, hence the truncation.)"""
+    width = 32 if like == types.float32 else 64
+    llvm_float = ir.FloatType() if width == 32 else ir.DoubleType()
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        value = args[0]
+        if bits.bitwidth > width:
+            value = builder.trunc(value, ir.IntType(width))
+        return builder.bitcast(value, llvm_float)
 
-    return sig, codegen
-
-
-@intrinsic
-def _float64_from_bits(typingctx, bits):  # pragma: no cover - compiled
-    """Reinterpret an int64's bits as a float64 (no conversion)."""
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@njit(inline="always")
-def max_f32(row):  # pragma: no cover - compiled
-    """``max(row)`` of a float32 row, vectorised through the integers: LLVM does not vectorise a float maximum
-    without ``nnan`` on the comparison, which numba does not set. Flipping the non-sign bits of negative
-    floats makes their int32 order the float order, and an integer maximum vectorises. A positive NaN wins
-    (and makes the whole row NaN downstream); a negative one may lose, but stays NaN through the exp."""
-    bits = row.view(np.int32)
-    top = np.int32(-2147483648)
-    for j in range(bits.shape[0]):
-        b = bits[j]
-        top = max(top, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-    return _float32_from_bits(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-
-
-@njit(inline="always")
-def max_f64(row):  # pragma: no cover - compiled
-    """:func:`max_f32` for float64 rows (int64 bits)."""
-    bits = row.view(np.int64)
-    top = np.int64(-9223372036854775808)
-    for j in range(bits.shape[0]):
-        b = bits[j]
-        top = max(top, b ^ ((b >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
-    return _float64_from_bits(top ^ ((top >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+    return like(bits, like), codegen
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -93,7 +62,7 @@ def exp_f32(x):  # pragma: no cover - compiled
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
-    e = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    e = p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23), p)
     return np.float32(0.0) if x < _EXP_MIN else e
 
 
@@ -183,15 +152,29 @@ def lanes_one_hot(j, y):  # pragma: no cover - compiled
 
 
 def row_max(row):  # pragma: no cover - replaced by the overload below inside compiled code
-    """``max`` of a contiguous float row: :func:`max_f32` or :func:`max_f64`."""
+    """``max`` of a contiguous float32 or float64 row, vectorised through the integers: LLVM does not
+    vectorise a float maximum without ``nnan`` on the comparison, which numba does not set. Flipping the
+    non-sign bits of negative floats makes their integer order the float order, and an integer maximum
+    vectorises. A positive NaN wins (and makes the row NaN downstream); a negative one may lose, but stays
+    NaN through the exp."""
     raise NotImplementedError("row_max is only callable from numba-compiled code")
+
+
+@njit(inline="always")
+def _max_through_ints(row, bits, lowest, shift, magnitude):  # pragma: no cover - compiled
+    """max(row) from ``bits``, its integer view: see :func:`row_max`."""
+    top = lowest
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        top = max(top, b ^ ((b >> shift) & magnitude))
+    return _float_from_bits(top ^ ((top >> shift) & magnitude), row[0])
 
 
 @overload(row_max, inline="always")
 def _row_max_overload(row):
     if row.dtype == types.float32:
-        return lambda row: max_f32(row)
-    return lambda row: max_f64(row)
+        return lambda row: _max_through_ints(row, row.view(np.int32), np.int32(-(2**31)), np.int32(31), np.int32(2**31 - 1))
+    return lambda row: _max_through_ints(row, row.view(np.int64), np.int64(-(2**63)), np.int64(63), np.int64(2**63 - 1))
 
 
 def row_exp(x):  # pragma: no cover - replaced by the overload below inside compiled code
