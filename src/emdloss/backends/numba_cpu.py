@@ -238,19 +238,19 @@ def _probabilities(x, i, from_logits, out, base):  # pragma: no cover
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _finish_gradient(p, base, from_logits, scale, grad, i):  # pragma: no cover
-    """``grad[i]`` holds g = dL/dp: take it through the softmax, ``p * (g - <p, g>)`` (when ``from_logits``),
-    and multiply by ``scale`` (1 / kept rows for reduction="mean")."""
+def _finish_gradient(p, base, g, from_logits, scale, grad, i):  # pragma: no cover
+    """``grad[i]`` <- ``scale * p * (g - <p, g>)`` with g = dL/dp (C,), through the softmax when ``from_logits``,
+    else ``scale * g``. (``scale``: 1 / kept rows for reduction="mean"; ``g`` may be ``grad[i]`` itself.)"""
     n_cls = grad.shape[1]
     if from_logits:
         dot = 0.0
         for j in range(n_cls):
-            dot += float(p[base + j]) * float(grad[i, j])
+            dot += float(p[base + j]) * float(g[j])
         for j in range(n_cls):
-            grad[i, j] = p[base + j] * (grad[i, j] - dot) * scale
-    elif scale != 1.0:
+            grad[i, j] = p[base + j] * (g[j] - dot) * scale
+    else:
         for j in range(n_cls):
-            grad[i, j] = grad[i, j] * scale
+            grad[i, j] = g[j] * scale
 
 
 # ---------------------------------------------------------------------- one row at a time
@@ -322,9 +322,7 @@ def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gra
             else:
                 loss[i] = _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g)
             if need_grad:
-                for j in range(n_cls):
-                    grad[i, j] = g[j]
-                _finish_gradient(p, 0, from_logits, scale, grad, i)
+                _finish_gradient(p, 0, g, from_logits, scale, grad, i)
 
 
 # ---------------------------------------------------------------------- LANES rows at a time
@@ -487,7 +485,7 @@ def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gr
                     continue
                 loss[i] = total[l]
                 if need_grad:
-                    _finish_gradient(p, l * n_cls, from_logits, scale, grad, i)
+                    _finish_gradient(p, l * n_cls, grad[i], from_logits, scale, grad, i)
 
 
 # ---------------------------------------------------------------------- hard targets, rho = 1
