@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import choose_backend, fused_tree_emd, torch_ops, tree_emd_rows
+from .backends import choose_backend, fused_tree_emd, torch_ops
 from .sinkhorn import sinkhorn
 from .tree import Tree
 
@@ -75,7 +75,7 @@ def emd(
     )
     if fused:
         return fused_tree_emd(rows, tree, rho, from_logits, ignore_index, reduction)
-    loss = tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits)
+    loss = torch_ops.tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits)
     _checks.check_finite_loss(loss, rows)
     return _checks.reduce(loss, rows.keep, reduction, rows.out_shape)
 

@@ -1,7 +1,7 @@
 """Backends compute tree EMD losses: :func:`choose_backend` picks one per call.
 
 - :mod:`.torch_ops`: the reference closed form in torch ops, any device, any autograd use
-  (:func:`tree_emd_rows`: per-row losses, reduced by the caller).
+  (:func:`.torch_ops.tree_emd_rows`: per-row losses, reduced by the caller).
 - :mod:`.numba_cpu`: fused kernels on the CPU, the default there when numba imports
   (:func:`fused_tree_emd`: the reduced loss, from one kernel call).
 
@@ -126,15 +126,3 @@ def choose_backend(x: Tensor, soft: Tensor | None, backend: str = "auto") -> str
         return "torch"
     return "numba" if fused_ok else "torch"
 
-
-def tree_emd_rows(
-    x: Tensor,
-    hard: Tensor | None,
-    soft: Tensor | None,
-    tree: Tree,
-    rho: float,
-    from_logits: bool,
-) -> Tensor:
-    """Per-row ``sum_e w_e |f_e|^rho`` (M,) for rows ``x`` (M, C) and hard (M,) or soft (M, C) targets, in
-    torch ops (any device, any autograd use)."""
-    return torch_ops.tree_emd_rows(x, hard, soft, tree, rho, from_logits)

@@ -29,6 +29,7 @@ no work of its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -592,27 +593,23 @@ def tree_rows(
         return loss, grad if need_grad else None
     q = soft if soft is not None else zero_row(c, x.dtype)
     if tree.is_chain:
-        arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, cached_chain_spacing(tree))
+        arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, cached_chain_spacing(tree))  # no leaf edges, no internal nodes
     else:
         it = InternalTree.cached(tree)
         arrays = (it.slot, it.leaf_w, it.parent, it.weight)
-    n_internal = 0 if tree.is_chain else arrays[2].shape[0]
-    kernel = _lanes_kernel if lanes_pay_off(n, c, n_internal, x.itemsize) else _rows_kernel
+    kernel = _lanes_kernel if lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize) else _rows_kernel
     kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, tree.is_chain, *arrays, float(rho), numba.get_num_threads())
     return loss, grad if need_grad else None
 
 
 _EMPTY_INT = np.empty(0, dtype=np.int64)
 _EMPTY_FLOAT = np.empty(0, dtype=np.float64)
-_ZERO_ROWS: dict[tuple[int, str], np.ndarray] = {}
 
 
+@functools.lru_cache(maxsize=32)
 def zero_row(n_cls: int, dtype: np.dtype) -> np.ndarray:
     """A (1, C) row of zeros: the "distribution" part of class-index targets (see the labels section)."""
-    key = (n_cls, np.dtype(dtype).str)
-    if key not in _ZERO_ROWS:
-        _ZERO_ROWS[key] = np.zeros((1, n_cls), dtype=dtype)
-    return _ZERO_ROWS[key]
+    return np.zeros((1, n_cls), dtype=dtype)
 
 
 def follow_torch_threads() -> None:
