@@ -175,10 +175,8 @@ def _run(args: argparse.Namespace) -> int:
             text.append(f"## {t}, {p}\n\n" + runner.markdown_table(
                 ["loss", f"steps to EMD <= {args.tol} x start (runs that got there)", "final EMD / start EMD"],
                 rows) + "\n")
-    runner.write_json(out / "results.json", {"config": config, "summary": summary, "curves": curves})
-    runner.write_text(out / "report.md", "\n".join(text))
+    runner.publish(out, {"config": config, "summary": summary, "curves": curves}, text)
     _plot(curves, args.tol, out / "convergence.png")
-    print("\n".join(text[1:]))
     return 0
 
 

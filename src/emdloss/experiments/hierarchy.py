@@ -168,10 +168,8 @@ def _run(args: argparse.Namespace) -> int:
                     + loss_table(by_loss, LOSSES, METRICS) + "\n")
     text.append("Test split, mean ± std over seeds. Higher is better for top1/top5; lower for the others "
                 "(mistake severity and LCA height are over the mistakes only).\n")
-    runner.write_json(out / "results.json", {"config": cfg, "results": results})
-    runner.write_text(out / "report.md", "\n".join(text))
+    runner.publish(out, {"config": cfg, "results": results}, text)
     _plot(results, cfg["imagenet_per_class"], out / "hierarchy_imagenet_sweep.png")
-    print("\n".join(text[1:]))
     return 0
 
 

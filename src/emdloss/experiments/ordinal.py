@@ -111,10 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     for d in config["datasets"]:
         text.append(f"## {d}\n\n" + loss_table(results[d], LOSSES, METRICS) + "\n")
     text.append("Test split, mean ± std over seeds. Higher is better for accuracy and qwk; lower for mae and emd.\n")
-    runner.write_json(out / "results.json", {"config": config, "results": results})
-    runner.write_text(out / "report.md", "\n".join(text))
+    runner.publish(out, {"config": config, "results": results}, text)
     _plot(results, config["datasets"], out / "ordinal_mae.png")
-    print("\n".join(text[1:]))
     return 0
 
 

@@ -217,6 +217,14 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def publish(out: Path, results: dict[str, Any], sections: list[str]) -> None:
+    """Write ``results.json`` and ``report.md`` (``sections`` joined; the first is :func:`report_header`'s)
+    to ``out``, atomically, and print the report without its header."""
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", "\n".join(sections))
+    print("\n".join(sections[1:]))
+
+
 def report_header(title: str, config: dict[str, Any]) -> str:
     """The top of every report.md: title, the exact command, the configuration and the machine."""
     return (
