@@ -246,6 +246,82 @@ def test_loss_backward_hands_back_the_kernel_gradient():
     torch.testing.assert_close(first, x.grad, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_cls", [2, 3, 7, 8, 9, 16, 17])
+@pytest.mark.parametrize("kind", ["tree", "chain"])
+def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
+    """The lane kernel pads the classes to a multiple of 8 and reads soft targets' last partial block through
+    a copy: counts below, at and just past multiples of 8 agree with the reference, hard and soft targets."""
+    rng = np.random.default_rng(n_cls)
+    if kind == "chain":
+        tree = Tree.chain(n_cls, spacing=rng.uniform(0.2, 2.0, n_cls - 1))
+    else:  # n_cls leaves under a random tree of internal nodes
+        tree = next(t for t in (random_tree(rng, 2 * n_cls + 1, shape="random") for _ in range(1000)) if t.num_classes == n_cls)
+    for target in ("hard", "soft"):
+        for rho in (1.5, 2.0):
+            assert_backends_agree(tree, target, rho, True, torch.float32)
+            assert_backends_agree(tree, target, rho, False, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lane_transposes_and_arithmetic(dtype):
+    """lanes_columns / lanes_store_columns move an 8 x 8 block between rows and lanes exactly (float32 widened
+    and rounded back losslessly), and the lane arithmetic matches numpy lane by lane (to one rounding, where
+    LLVM may contract a multiply-add)."""
+    from numba import njit
+
+    from emdloss.backends.lanes import (
+        LANES,
+        lanes_abs,
+        lanes_clamp_unit,
+        lanes_columns,
+        lanes_fill,
+        lanes_load,
+        lanes_one_hot,
+        lanes_store,
+        lanes_store_columns,
+        lanes_to_tuple,
+    )
+
+    @njit
+    def columns_and_back(a, offsets, j, out):  # pragma: no cover - compiled
+        cols = lanes_columns(a, offsets, j)
+        lanes_store_columns(out, offsets, j, cols)
+        table = np.empty((LANES, LANES))
+        for c in range(LANES):
+            lanes_store(table[c], 0, cols[c])
+        return table
+
+    @njit
+    def arithmetic(u, v, labels):  # pragma: no cover - compiled
+        a, b = lanes_load(u, 0), lanes_load(v, 0)
+        return (
+            lanes_to_tuple(a + b), lanes_to_tuple(a - b), lanes_to_tuple(2.0 * a * b - 1.0),
+            lanes_to_tuple(lanes_abs(a)), lanes_to_tuple(lanes_clamp_unit(a * 3.0)),
+            lanes_to_tuple(lanes_one_hot(3, labels)), lanes_to_tuple(lanes_fill(np.float32(0.5))),
+        )  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=400).astype(dtype)
+    offsets = (0, 50, 97, 150, 203, 260, 311, 390 - 11)  # uneven row starts, the last near the end
+    out = np.zeros_like(a)
+    table = columns_and_back(a, offsets, 3, out)
+    expected = np.array([[a[o + 3 + c] for o in offsets] for c in range(8)], dtype=np.float64)
+    assert np.array_equal(table, expected)
+    written = np.zeros(a.size, dtype=bool)
+    for o in offsets:
+        written[o + 3 : o + 11] = True
+    assert np.array_equal(out[written], a[written]) and not out[~written].any()
+
+    u, v = rng.normal(size=8), rng.normal(size=8)
+    labels = (3, 0, 3, -1, 7, 3, 2, 1)
+    got = [np.array(t) for t in arithmetic(u, v, labels)]
+    for value, want in zip(
+        got,
+        (u + v, u - v, 2 * u * v - 1, np.abs(u), np.clip(3 * u, -1, 1), np.array(labels) == 3, np.full(8, 0.5)),
+    ):
+        np.testing.assert_allclose(value, want, rtol=1e-15, atol=1e-15)  # 2ab - 1 may round once (an FMA)
+
+
 def test_vectorised_exp_is_accurate_and_handles_the_extremes():
     """simd.exp_f32 (the fused softmax's exp): within 3e-7 of exp over the float32 range of softmax arguments,
     exactly 0 where float32 exp underflows and at -inf, NaN for NaN."""
