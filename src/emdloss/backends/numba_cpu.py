@@ -385,7 +385,7 @@ def _row_offsets(stride):  # pragma: no cover
     return (0, stride, 2 * stride, 3 * stride, 4 * stride, 5 * stride, 6 * stride, 7 * stride)
 
 
-_TAIL_OFFSETS = _row_offsets(LANES)
+_TAIL_OFFSETS = tuple(range(0, LANES * LANES, LANES))  # rows of the LANES x LANES tail scratch
 
 
 @njit(inline="always")
