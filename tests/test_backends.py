@@ -360,3 +360,44 @@ def test_row_maximum_through_the_integers(dtype):
         row = row.astype(dtype)
         assert apply(row) == row.max()
     assert np.isnan(apply(np.array([1.0, np.nan, 2.0], dtype=dtype)))
+
+
+@pytest.mark.slow
+def test_lane_kernels_on_the_baseline_x86_target(tmp_path):
+    """The lanes are target-independent LLVM vectors: compiled for the baseline x86-64 CPU (SSE2 only, where
+    LLVM splits each 8-lane vector into four registers) the lane kernels still equal the reference. Runs in
+    a subprocess with its own numba cache (the target is fixed when numba starts); about a minute."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the baseline target checked here is x86-64's")
+    script = """
+import numba, numpy as np, torch
+from emdloss import Tree
+from emdloss.backends import numba_cpu
+from emdloss.functional import emd
+assert numba.config.CPU_NAME == "generic"
+rng = np.random.default_rng(0)
+n = 512
+for tree in (Tree.chain(29), Tree.from_parents(np.r_[-1, rng.integers(0, np.arange(1, 60))])):
+    assert numba_cpu.lanes_pay_off(n, tree.num_classes, tree.num_nodes, 4)  # the lane kernel runs
+    for soft in (False, True):
+        x = torch.randn(n, tree.num_classes, dtype=torch.float32, requires_grad=True)
+        t = torch.softmax(torch.randn(n, tree.num_classes), 1) if soft else torch.randint(0, tree.num_classes, (n,))
+        grads = []
+        for backend in ("torch", "numba"):
+            x.grad = None
+            loss = emd(x, t, tree, rho=2.0, reduction="none", backend=backend)
+            loss.sum().backward()
+            grads.append((loss.detach().double(), x.grad.double()))
+        (l0, g0), (l1, g1) = grads
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g1, g0, rtol=0, atol=1e-5 * float(g0.abs().max()))
+print("ok")
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
