@@ -262,6 +262,17 @@ def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
             assert_backends_agree(tree, target, rho, False, torch.float64)
 
 
+def test_lane_kernel_choice():
+    """The lane kernel runs from LANES rows up while its scratch is cache-sized or at most the input; fewer
+    rows, or small batches of huge trees, go one row at a time."""
+    from emdloss.backends.numba_cpu import LANES, lanes_pay_off
+
+    assert not lanes_pay_off(LANES - 1, 1000, 372, 4)  # the lanes would repeat the last row
+    assert lanes_pay_off(LANES, 1000, 372, 4) and lanes_pay_off(64, 1000, 372, 4)  # ImageNet-sized, any batch
+    assert not lanes_pay_off(8, 10**6, 0, 4) and not lanes_pay_off(64, 10**5, 0, 4)  # scratch > input, > 1 MiB
+    assert lanes_pay_off(1024, 10**5, 0, 4)  # the input outweighs the scratch
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lane_transposes_and_arithmetic(dtype):
     """lanes_columns / lanes_store_columns move an 8 x 8 block between rows and lanes exactly (float32 widened
