@@ -101,3 +101,31 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--trees", "oak12", "--no-progress"]) == 2
     assert "unknown tree 'oak12'" in capsys.readouterr().err
     assert main(["bench", "--out", str(tmp_path), "--sizes", "ten", "--no-progress"]) == 2
+
+
+def test_device_option_is_checked(tmp_path, capsys):
+    """--device takes cpu or a CUDA device, and says so when none is there (no silent CPU run)."""
+    assert main(["bench", "--out", str(tmp_path), "--device", "tpu", "--no-progress"]) == 2
+    assert "--device must be 'cpu' or a CUDA device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--out", str(tmp_path), "--device", "cuda", "--no-progress"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_inputs_are_the_same_numbers_on_any_device():
+    a = speed.make_inputs(4, 9, "soft", torch.Generator().manual_seed(3))
+    b = speed.make_inputs(4, 9, "soft", torch.Generator().manual_seed(3), device="cpu")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].requires_grad and a[0].is_leaf
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_ratios(tmp_path):
+    """On a GPU: the ratio workloads run there (CUDA-event times), without the CPU-only fused kernel."""
+    tiny = [a for a in TINY if a != "--quick"]
+    assert main(["bench", "--out", str(tmp_path), "--device", "cuda", "--no-compile", *tiny]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    timed = {r["method"]: r for r in result["ratios"] if r["target"] == "hard"}
+    assert {"cross_entropy", "emd torch rho=1", "emd torch rho=2"} <= {m for m, r in timed.items() if r.get("seconds")}
+    assert not any(m.startswith("emd fused") for m in timed)
+    assert result["machine"]["device"] == "cuda" and not result["scaling"] and not result["memory"]
+    assert timed["emd torch rho=2"]["rel_diff_vs_reference"] < 1e-5

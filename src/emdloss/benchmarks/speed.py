@@ -19,6 +19,10 @@ What one run measures, all in one process unless said otherwise (see docs/speed.
 5. **JIT compile time** of the fused kernels: first calls in a subprocess with an empty numba cache
    directory, then again with that cache filled.
 
+With ``--device cuda`` the ratio workloads run on the GPU (cross-entropy, the torch backend eager and under
+``torch.compile``, the dense closed form), timed with CUDA events after warm-up; the fused kernel, the OT
+anchors, the scaling sweep and the memory and JIT probes are CPU measurements and are left out.
+
 Outputs in ``--out``: ``bench.json`` (everything, with the machine and configuration), ``bench.md`` (tables),
 ``bench.png`` (time against classes, log-log, one line per method). All written atomically.
 """
@@ -84,6 +88,7 @@ class Config:
     memory_kinds: list[str]
     compile_time: bool
     threads: int
+    device: str = "cpu"
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Config:
@@ -98,27 +103,39 @@ class Config:
             else ([1000, 10_000, 100_000] if quick else [1000, 10_000, 100_000, 1_000_000])
         )
         mem_default = [100_000] if quick else [100_000, 1_000_000]
+        device = str(args.device)
+        on_cpu = device == "cpu"
+        if not on_cpu:
+            try:
+                kind = torch.device(device).type
+            except RuntimeError:
+                kind = None
+            if kind != "cuda":
+                raise ValueError(f"--device must be 'cpu' or a CUDA device such as 'cuda' or 'cuda:1', got {device!r}")
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False)")
         return Config(
             quick=quick,
             seed=int(args.seed),
             batch=int(args.batch),
             trees=[t.strip() for t in args.trees.split(",") if t.strip()],
-            sizes=sizes,
+            sizes=sizes if on_cpu else [],
             scaling_batch=int(args.scaling_batch),
             scaling_elements=int(pick(args.scaling_elements, 2**20, 2**18)),
             rounds=int(pick(args.rounds, 15, 5)),
             min_time=float(pick(args.min_time, 0.01, 0.005)),
-            slow=not args.no_slow,
+            slow=not args.no_slow and on_cpu,
             slow_rows=int(pick(args.slow_rows, 2, 1)),
             slow_reps=int(pick(args.slow_reps, 2, 1)),
             sinkhorn_iters=int(pick(args.sinkhorn_iters, 100, 20)),
             compile=pick(args.compile, True, False),
-            memory=not args.no_memory,
+            memory=not args.no_memory and on_cpu,
             memory_sizes=_int_list(args.memory_sizes) if args.memory_sizes else mem_default,
             memory_elements=int(args.memory_elements),
             memory_kinds=["chain"] if quick else ["chain", "random"],
-            compile_time=pick(args.compile_time, True, False),
+            compile_time=pick(args.compile_time, True, False) and on_cpu,
             threads=int(args.threads) if args.threads else torch.get_num_threads(),
+            device=device,
         )
 
 
@@ -182,6 +199,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads for torch and numba (default: as they are; 1 is steadier on a busy machine)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: on a GPU only the ratio workloads run, timed with CUDA events",
+    )
 
 
 # ---------------------------------------------------------------------- workloads
@@ -227,13 +249,13 @@ class DenseClosedForm:
     quadratic baseline that the O(nodes) backends replace.
     """
 
-    def __init__(self, tree: Tree, rho: float) -> None:
+    def __init__(self, tree: Tree, rho: float, device: str = "cpu") -> None:
         pos = tree.position[tree.classes]
         lo = tree.position[tree.edge_nodes]
         hi = tree.subtree_end[lo]
         member = (pos[:, None] >= lo[None, :]) & (pos[:, None] < hi[None, :])
-        self.M = torch.from_numpy(member.astype(np.float32))
-        self.w = torch.from_numpy(np.ascontiguousarray(tree.weights[tree.edge_nodes], dtype=np.float32))
+        self.M = torch.from_numpy(member.astype(np.float32)).to(device)
+        self.w = torch.from_numpy(np.ascontiguousarray(tree.weights[tree.edge_nodes], dtype=np.float32)).to(device)
         self.rho = rho
 
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:
@@ -315,7 +337,8 @@ def loss_methods(
     methods = [Method("cross_entropy", lambda x, t: F.cross_entropy(x, t), "ce")]
     for rho in (1.0, 2.0):
         r = f"rho={rho:g}"
-        methods.append(Method(f"emd fused {r}", EMDLoss(tree, rho=rho, backend="numba"), "fused", rho))
+        if cfg.device == "cpu":
+            methods.append(Method(f"emd fused {r}", EMDLoss(tree, rho=rho, backend="numba"), "fused", rho))
         methods.append(Method(f"emd torch {r}", EMDLoss(tree, rho=rho, backend="torch"), "torch", rho))
         if compile_ok:
             fn = torch.compile(EMDLoss(tree, rho=rho, backend="torch", validate=False))
@@ -323,7 +346,7 @@ def loss_methods(
         entries = tree.num_classes * tree.num_edges
         if dense_ok:
             if entries <= DENSE_MAX_ENTRIES:
-                methods.append(Method(f"dense closed form {r}", DenseClosedForm(tree, rho), "dense", rho))
+                methods.append(Method(f"dense closed form {r}", DenseClosedForm(tree, rho, cfg.device), "dense", rho))
             else:
                 methods.append(
                     Method(
@@ -365,12 +388,17 @@ def loss_methods(
     return methods
 
 
-def make_inputs(batch: int, num_classes: int, target_kind: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Logits (B, C) ~ N(0, 2^2) with grad, and class indices (B,) or a soft target (softmax of N(0, 1))."""
-    x = (2.0 * torch.randn(batch, num_classes, generator=gen)).requires_grad_()
+def make_inputs(
+    batch: int, num_classes: int, target_kind: str, gen: torch.Generator, device: str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Logits (B, C) ~ N(0, 2^2) with grad, and class indices (B,) or a soft target (softmax of N(0, 1)); drawn
+    on the CPU (the same numbers on every device), then moved to ``device``."""
+    x = 2.0 * torch.randn(batch, num_classes, generator=gen)
     if target_kind == "hard":
-        return x, torch.randint(0, num_classes, (batch,), generator=gen)
-    return x, torch.softmax(torch.randn(batch, num_classes, generator=gen), dim=1)
+        target = torch.randint(0, num_classes, (batch,), generator=gen)
+    else:
+        target = torch.softmax(torch.randn(batch, num_classes, generator=gen), dim=1)
+    return x.to(device).requires_grad_(), target.to(device)
 
 
 def make_step(fn: LossFn, x: Tensor, target: Tensor) -> Step:
@@ -388,15 +416,26 @@ def rows_of(x: Tensor, target: Tensor, n: int) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------- timing
 
 
-def time_calls(step: Step, reps: int) -> float:
-    """Seconds per call over ``reps`` back-to-back calls."""
-    t0 = time.perf_counter()
+def time_calls(step: Step, reps: int, device: str = "cpu") -> float:
+    """Seconds per call over ``reps`` back-to-back calls: wall time on the CPU; on a GPU, CUDA events around the
+    calls (after a synchronisation, so that earlier work is not counted), read once the last call is done."""
+    if device == "cpu":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return (time.perf_counter() - t0) / reps
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
     for _ in range(reps):
         step()
-    return (time.perf_counter() - t0) / reps
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0 / reps
 
 
-def interleaved(steps: dict[str, Step], rounds: int, min_time: float) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Step], rounds: int, min_time: float, device: str = "cpu") -> dict[str, list[float]]:
     """Per-call seconds of every step in each of ``rounds`` rounds; steps run in a rotated order per round.
 
     Each step is warmed up twice first; a timing repeats the call enough times to last ``min_time``.
@@ -404,14 +443,14 @@ def interleaved(steps: dict[str, Step], rounds: int, min_time: float) -> dict[st
     reps: dict[str, int] = {}
     for name, step in steps.items():
         step()
-        t = time_calls(step, 1)
+        t = time_calls(step, 1, device)
         reps[name] = max(1, min(1000, math.ceil(min_time / max(t, 1e-7))))
     names = list(steps)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            out[name].append(time_calls(steps[name], reps[name]))
+            out[name].append(time_calls(steps[name], reps[name], device))
     return out
 
 
@@ -465,7 +504,7 @@ def run_workload(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Time every method of one (tree, batch, target) workload; one result row per method."""
-    x, target = make_inputs(batch, tree.num_classes, target_kind, gen)
+    x, target = make_inputs(batch, tree.num_classes, target_kind, gen, cfg.device)
     methods = loss_methods(tree, target_kind, cfg, compile_ok=compile_ok, dense_ok=dense_ok, anchors=anchors)
     if target_kind == "soft":
         methods.insert(1, Method("cross_entropy (soft target)", lambda x, t: F.cross_entropy(x, t), "ce_soft"))
@@ -479,7 +518,7 @@ def run_workload(
         step, errors[m.name] = warm_up(m, x, ce_target if m.family == "ce" else target, tree)
         if step is not None:
             full[m.name] = step
-    times = interleaved(full, cfg.rounds, cfg.min_time)
+    times = interleaved(full, cfg.rounds, cfg.min_time, cfg.device)
     base = times["cross_entropy"]
     ce_median = float(np.median(base))
 
@@ -1020,6 +1059,8 @@ def _run(args: argparse.Namespace) -> int:
         "numba_threading_layer": _threading_layer(),
         "load_average_before": load_before,
         "load_average_after": _loadavg(),
+        "device": cfg.device,
+        "device_name": torch.cuda.get_device_name(cfg.device) if cfg.device != "cpu" else None,
     }
     result = {
         "config": cfg.__dict__,
@@ -1086,6 +1127,11 @@ def report(result: dict[str, Any], cfg: Config) -> str:
         f"numba threads {m.get('numba_threads')}. A load above the CPU count means other processes competed for the "
         "cores: the `best` columns (fastest round) are then the better estimate of each method's own cost.\n"
     )
+    if cfg.device != "cpu":
+        parts.append(
+            f"Device: {cfg.device} ({m.get('device_name')}). Times are CUDA events around the calls, after warm-up; "
+            "the fused CPU kernel, the OT anchors, scaling, memory and JIT probes are CPU measurements, not run here.\n"
+        )
     if result["skipped_trees"]:
         parts.append("Skipped workloads: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_trees"].items()) + "\n")
     parts.append(
