@@ -1,11 +1,12 @@
 """Where the fused CPU path spends its time: each stage of one batch, timed separately.
 
-    python benchmarks/profile_fused.py [--rho 1] [--batch 256] [--soft] [--chain]
+    python benchmarks/profile_fused.py [--rho 1] [--batch 256] [--soft] [--chain] [--kernel auto|lanes|one-row]
 
 Prints the 20th-percentile time of: F.cross_entropy forward+backward (the yardstick), torch's softmax (for
 scale), the fused numba kernel alone (softmax, loss and gradient), the input checks, and EMDLoss forward and
 forward+backward. The tree is ImageNet's (needs the shared data, ``emdloss.data.imagenet_tree``), or a chain
-of 1,000 classes with ``--chain``. See docs/speed.md.
+of 1,000 classes with ``--chain``. ``--kernel`` forces the eight-row lane kernel or the one-row kernel (default:
+the choice ``numba_cpu.lanes_pay_off`` makes for the batch). See docs/speed.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--soft", action="store_true", help="soft targets instead of class indices")
     parser.add_argument("--chain", action="store_true", help="a chain of 1,000 classes instead of ImageNet's tree")
+    parser.add_argument("--kernel", choices=["auto", "lanes", "one-row"], default="auto", help="force a tree kernel")
     args = parser.parse_args()
+    if args.kernel != "auto":
+        from emdloss.backends import numba_cpu
+
+        numba_cpu.lanes_pay_off = lambda *_: args.kernel == "lanes"
     tree = Tree.chain(1000) if args.chain else imagenet_tree()
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(args.batch, tree.num_classes, generator=gen) * 2).requires_grad_()
@@ -72,7 +78,10 @@ def main() -> None:
         "EMDLoss fwd+bwd": fwd_bwd,
     }
     kind = "chain of 1,000" if args.chain else "ImageNet tree"
-    print(f"{kind}, batch {args.batch}, {'soft' if args.soft else 'hard'} targets, rho={args.rho}, {torch.get_num_threads()} threads")
+    print(
+        f"{kind}, batch {args.batch}, {'soft' if args.soft else 'hard'} targets, rho={args.rho}, "
+        f"{torch.get_num_threads()} threads, kernel {args.kernel}"
+    )
     for name, fn in stages.items():
         print(f"  {name:40s} {timed(fn):.3f} ms")
 
