@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import _checks
 from ..tree import Tree
-from . import torch_ops
 
 _numba_cpu = None  # imported on first use: numba takes a second to import and pulls in scipy
 
@@ -75,7 +74,7 @@ class FusedTreeEMDLoss(torch.autograd.Function):
                 _checks.check_labels(y, tree.num_classes, ignore_index)
             if check_logits and not _checks.all_finite(x):
                 raise ValueError("input contains NaN or infinite logits")
-        ctx.reduction, ctx.x_dtype, ctx.scale = reduction, x.dtype, scale
+        ctx.reduction, ctx.x_dtype = reduction, x.dtype
         if need_grad:
             ctx.save_for_backward(torch.from_numpy(grad))
         if reduction == "none":
