@@ -255,7 +255,7 @@ def _probabilities(x, i, from_logits, out, base):  # pragma: no cover
 @njit(inline="always", fastmath=FASTMATH)
 def _finish_gradient(p, base, g, from_logits, scale, grad, i):  # pragma: no cover
     """``grad[i]`` <- ``scale * p * (g - <p, g>)`` with g = dL/dp (C,), through the softmax when ``from_logits``,
-    else ``scale * g``. (``scale``: 1 / kept rows for reduction="mean"; ``g`` may be ``grad[i]`` itself.)"""
+    else ``scale * g``. (``scale``: 1 / kept rows for reduction="mean".)"""
     n_cls = grad.shape[1]
     if from_logits:
         dot = 0.0
@@ -269,7 +269,7 @@ def _finish_gradient(p, base, g, from_logits, scale, grad, i):  # pragma: no cov
 
 
 # ---------------------------------------------------------------------- one row at a time
-# For small batches, where LANES rows of scratch would outweigh the input (see tree_rows).
+# For fewer than LANES rows, and for small batches of huge trees (see lanes_pay_off).
 
 
 @njit(inline="always")
@@ -385,9 +385,6 @@ def _row_offsets(stride):  # pragma: no cover
     return (0, stride, 2 * stride, 3 * stride, 4 * stride, 5 * stride, 6 * stride, 7 * stride)
 
 
-_TAIL_OFFSETS = tuple(range(0, LANES * LANES, LANES))  # rows of the LANES x LANES tail scratch
-
-
 @njit(inline="always")
 def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
     """``lanes_columns`` of the soft targets (rows of ``n_cls``, not padded): the last, partial block through
@@ -397,7 +394,7 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
     for l in range(LANES):
         for c in range(LANES):
             tail[l * LANES + c] = q_flat[q_offsets[l] + jb + c] if jb + c < n_cls else 0.0
-    return lanes_columns(tail, _TAIL_OFFSETS, 0)
+    return lanes_columns(tail, _row_offsets(LANES), 0)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -546,7 +543,7 @@ def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gr
     q_flat = q.ravel()
     for t in prange(chunks):
         p = np.zeros(LANES * width, dtype=x.dtype)  # the padding stays 0
-        g = np.zeros(LANES * width if need_grad else 0, dtype=np.float64)
+        g = np.empty(LANES * width if need_grad else 0, dtype=np.float64)  # every block writes all of it
         h = np.empty(LANES * width if need_grad else 0, dtype=np.float64)
         mass = np.empty(0 if chain else LANES * parent.shape[0], dtype=np.float64)
         tail = np.empty(LANES * LANES, dtype=q.dtype)
