@@ -648,7 +648,7 @@ def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bo
     lanes would repeat the last row), or small batches of huge trees (the scratch would outweigh the input).
 
     Measured on the ImageNet tree, rho = 2, 2 threads (``benchmarks/profile_fused.py --kernel``): the kernel
-    takes 0.05 ms for a batch of 64 through the lanes and 0.27 ms one row at a time; 0.03 and 0.04 ms at 8."""
+    takes 0.06 ms for a batch of 64 through the lanes and 0.26 ms one row at a time; 0.02 and 0.04 ms at 8."""
     if n_rows < LANES:
         return False
     threads = min(numba.get_num_threads(), -(-n_rows // LANES))
