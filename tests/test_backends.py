@@ -34,7 +34,7 @@ def make_tree(kind: str, seed: int) -> Tree:
         return Tree.chain(n, spacing=rng.uniform(0.2, 2.0, n - 1))
     for s in range(seed, seed + 1000):
         rng = np.random.default_rng(s)
-        shape = {"random-internal": "random", "deep": "deep", "bushy": "bushy"}[kind]
+        shape = {"random-internal": "recursive", "deep": "deep", "bushy": "bushy"}[kind]
         tree = random_tree(rng, 40, shape=shape, internal_classes=kind == "random-internal")
         if not has_full_edge(tree) and tree.num_classes >= 3:
             return tree
@@ -157,7 +157,7 @@ def test_imagenet_tree_agrees(kernel):
     from _helpers import shared_data_or_skip
 
     shared_data_or_skip()
-    from emdloss.data import imagenet_tree
+    from emdloss_lab.data import imagenet_tree
 
     tree = imagenet_tree()
     for target in ("hard", "soft"):
@@ -255,7 +255,7 @@ def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
     if kind == "chain":
         tree = Tree.chain(n_cls, spacing=rng.uniform(0.2, 2.0, n_cls - 1))
     else:  # n_cls leaves under a random tree of internal nodes
-        tree = next(t for t in (random_tree(rng, 2 * n_cls + 1, shape="random") for _ in range(1000)) if t.num_classes == n_cls)
+        tree = next(t for t in (random_tree(rng, 2 * n_cls + 1, shape="recursive") for _ in range(1000)) if t.num_classes == n_cls)
     for target in ("hard", "soft"):
         for rho in (1.5, 2.0):
             assert_backends_agree(tree, target, rho, True, torch.float32)

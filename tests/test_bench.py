@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from emdloss import functional
-from emdloss.benchmarks import speed
-from emdloss.cli import main
+from emdloss_lab.bench import speed
+from emdloss_lab.cli import main
 
 TINY = [
     "--quick", "--trees", "chain50", "--batch", "8", "--threads", "1", "--sizes", "64,256", "--rounds", "2",

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from emdloss.cli import main  # noqa: E402
-from emdloss.experiments import demo  # noqa: E402
+from emdloss_lab.cli import main  # noqa: E402
+from emdloss_lab.experiments import demo  # noqa: E402
 
 
 def test_chain_task_is_ordered_quantile_classes() -> None:

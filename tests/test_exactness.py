@@ -26,7 +26,7 @@ def lp_emd(p: np.ndarray, q: np.ndarray, cost: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(10))
 def test_soft_targets_match_lp_on_random_trees(backend: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    shape = ["random", "deep", "bushy"][seed % 3]
+    shape = ["recursive", "deep", "bushy"][seed % 3]
     tree = random_tree(rng, int(rng.integers(3, 60)), shape=shape, internal_classes=seed % 2 == 1)
     c = tree.num_classes
     p = random_simplex(rng, 6, c, sparsity=0.3 * (seed % 2))
@@ -67,7 +67,7 @@ def test_imagenet_tree_matches_lp() -> None:
     from _helpers import shared_data_or_skip
 
     shared_data_or_skip()
-    from emdloss.data import imagenet_tree
+    from emdloss_lab.data import imagenet_tree
 
     tree = imagenet_tree()
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The experiments end to end in their hidden ``--tiny`` configuration, plus the pieces checked against
+"""The experiments end to end in their ``--smoke`` configuration, plus the pieces checked against
 independent references (baselines vs their definitions, generated data vs its model)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from emdloss import Tree  # noqa: E402
-from emdloss.cli import main  # noqa: E402
-from emdloss.data import DataUnavailable, shared_data_dir  # noqa: E402
-from emdloss.experiments import baselines, convergence, hierarchy, ordinal  # noqa: E402
+from emdloss_lab.cli import main  # noqa: E402
+from emdloss_lab.data import DataUnavailable, shared_data_dir  # noqa: E402
+from emdloss_lab.experiments import baselines, convergence, hierarchy, ordinal  # noqa: E402
 
 
 def _needs_shared_data() -> None:
@@ -107,18 +107,18 @@ def test_generative_model_distances_follow_the_tree() -> None:
 # ---------------------------------------------------------------------- experiments end to end
 
 
-def _run_tiny(name: str, tmp_path, *extra: str) -> dict:
+def _run_smoke(name: str, tmp_path, *extra: str) -> dict:
     out = tmp_path / name
-    assert main(["experiment", name, "--out", str(out), "--tiny", "--seeds", "2", "--no-progress", *extra]) == 0
+    assert main(["experiment", name, "--out", str(out), "--smoke", "--seeds", "2", "--no-progress", *extra]) == 0
     report = (out / "report.md").read_text()
     assert report.startswith("#") and "Command:" in report and "±" in report
     assert any(p.suffix == ".png" and p.read_bytes()[:4] == b"\x89PNG" for p in out.iterdir())
     return json.loads((out / "results.json").read_text())
 
 
-def test_ordinal_tiny(tmp_path) -> None:
+def test_ordinal_smoke(tmp_path) -> None:
     _needs_shared_data()
-    data = _run_tiny("ordinal", tmp_path)
+    data = _run_smoke("ordinal", tmp_path)
     runs = data["results"]["lev"]["emd"]
     assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["mae"] >= 0 for r in runs)
 
@@ -132,9 +132,9 @@ def test_ordinal_loaders_levels() -> None:
     assert x.shape == (4177, 10) and y.max() == 28
 
 
-def test_convergence_tiny(tmp_path) -> None:
+def test_convergence_smoke(tmp_path) -> None:
     _needs_shared_data()
-    data = _run_tiny("convergence", tmp_path)
+    data = _run_smoke("convergence", tmp_path)
     curves = data["curves"]
     assert "sinkhorn" in curves["tree"]["logits"] and "sinkhorn" not in curves["chain"]["logits"]
     for t in curves:
@@ -160,9 +160,9 @@ def test_convergence_curve_starts_at_exact_emd() -> None:
     assert convergence.steps_to([1.0, 0.5], 0.05) is None
 
 
-def test_hierarchy_tiny(tmp_path) -> None:
+def test_hierarchy_smoke(tmp_path) -> None:
     _needs_shared_data()
-    data = _run_tiny("hierarchy", tmp_path)
+    data = _run_smoke("hierarchy", tmp_path)
     groups = set(data["results"])
     assert groups == {"imagenet/2", "digits/5"}
     for g in groups:
@@ -173,6 +173,6 @@ def test_hierarchy_tiny(tmp_path) -> None:
 
 def test_experiment_refuses_existing_checkpoint_without_resume(tmp_path) -> None:
     _needs_shared_data()
-    _run_tiny("ordinal", tmp_path)
+    _run_smoke("ordinal", tmp_path)
     with pytest.raises(Exception, match="--resume"):
-        main(["experiment", "ordinal", "--out", str(tmp_path / "ordinal"), "--tiny", "--seeds", "2", "--no-progress"])
+        main(["experiment", "ordinal", "--out", str(tmp_path / "ordinal"), "--smoke", "--seeds", "2", "--no-progress"])

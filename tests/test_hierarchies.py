@@ -9,6 +9,7 @@ from _helpers import random_tree, shared_data_or_skip
 
 from emdloss import Tree, TreeError
 from emdloss import hierarchies as H
+from emdloss_lab.data import imagenet_wordnet_tree
 
 nx = pytest.importorskip("networkx")
 
@@ -95,7 +96,7 @@ def wordnet_edges():
 
 def test_imagenet_wordnet_tree(wordnet_edges):
     edges, classes = wordnet_edges
-    tree, rep = H.imagenet_wordnet_tree(return_report=True)
+    tree, rep = imagenet_wordnet_tree(return_report=True)
     assert tree.num_classes == 1000
     assert [tree.names[c] for c in tree.classes.tolist()] == classes  # standard class-index order
     assert tree.names[tree.root] == "n00001740"  # entity: one root
@@ -131,8 +132,8 @@ def test_imagenet_wordnet_tree(wordnet_edges):
 
 
 def test_imagenet_wordnet_pruned(wordnet_edges):
-    full = H.imagenet_wordnet_tree()
-    pruned, rep = H.imagenet_wordnet_tree(prune=True, return_report=True)
+    full = imagenet_wordnet_tree()
+    pruned, rep = imagenet_wordnet_tree(prune=True, return_report=True)
     assert pruned.num_nodes < full.num_nodes and rep.num_pruned == full.num_nodes - pruned.num_nodes
     np.testing.assert_array_equal(pruned.distance_matrix(), full.distance_matrix())
 
@@ -141,7 +142,7 @@ def test_networkx_matches_isa_file(wordnet_edges):
     edges, classes = wordnet_edges
     g = nx.DiGraph()
     g.add_edges_from(edges)
-    from_file = H.imagenet_wordnet_tree(multi_parent="deepest")
+    from_file = imagenet_wordnet_tree(multi_parent="deepest")
     from_graph = H.from_networkx(g, classes, multi_parent="deepest")
     pf = {from_file.names[v]: from_file.names[p] for v, p in enumerate(from_file.parents.tolist()) if p >= 0}
     pg = {from_graph.names[v]: from_graph.names[p] for v, p in enumerate(from_graph.parents.tolist()) if p >= 0}
@@ -192,7 +193,7 @@ class _FakeWordNet:
 def test_nltk_builder_logic_with_a_stand_in_reader(wordnet_edges):
     edges, classes = wordnet_edges
     tree = H.from_nltk(classes, wordnet=_FakeWordNet(edges))
-    assert tree == H.imagenet_wordnet_tree()
+    assert tree == imagenet_wordnet_tree()
 
 
 def test_nltk_wordnet_corpus_when_installed(wordnet_edges):
@@ -207,7 +208,7 @@ def test_nltk_wordnet_corpus_when_installed(wordnet_edges):
     _, classes = wordnet_edges
     tree, rep = H.from_nltk(classes, return_report=True)
     assert tree.num_classes == 1000 and rep.num_closure_nodes == 1860 and rep.num_multi_parent == 75
-    assert tree == H.imagenet_wordnet_tree()
+    assert tree == imagenet_wordnet_tree()
 
 
 def test_networkx_weights_and_errors():

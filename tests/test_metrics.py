@@ -180,7 +180,7 @@ def test_lca_height_matches_making_better_mistakes_distances():
     import lzma
 
     root = shared_data_or_skip()
-    from emdloss.data import imagenet_tree
+    from emdloss_lab.data import imagenet_tree
 
     tree = imagenet_tree()
     wnids = [tree.names[c] for c in tree.classes.tolist()]

@@ -60,14 +60,14 @@ def test_tidy_layout_is_tidy():
 
 def test_large_tree_is_cut_to_the_flows(tmp_path):
     shared_data_or_skip()
-    from emdloss.data import imagenet_tree
-    from emdloss.hierarchies import read_words
+    from emdloss_lab.data import imagenet_tree
+    from emdloss_lab.data import imagenet_words
 
     tree = imagenet_tree()
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     logits[[207, 208, 151]] += 5
     probs = logits.softmax(0)
-    fig = plot.plot_tree_flows(probs, 207, tree, labels=read_words(), max_nodes=30)
+    fig = plot.plot_tree_flows(probs, 207, tree, labels=imagenet_words(), max_nodes=30)
     drawn = len(fig.axes[0].collections) - 1
     assert 20 <= drawn <= 45
     texts = {t.get_text() for t in fig.axes[0].texts}

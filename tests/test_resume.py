@@ -15,11 +15,11 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from emdloss.cli import main  # noqa: E402
-from emdloss.data import DataUnavailable, shared_data_dir  # noqa: E402
-from emdloss.experiments.runner import CHECKPOINT_NAME, CheckpointError  # noqa: E402
+from emdloss_lab.cli import main  # noqa: E402
+from emdloss_lab.data import DataUnavailable, shared_data_dir  # noqa: E402
+from emdloss_lab.experiments.runner import CHECKPOINT_NAME, CheckpointError  # noqa: E402
 
-SEEDS = "4"  # ordinal --tiny: 1 dataset x 4 losses x 4 seeds = 16 units
+SEEDS = "4"  # ordinal --smoke: 1 dataset x 4 losses x 4 seeds = 16 units
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def _shared_data() -> None:
 
 
 def _cmd(out) -> list[str]:
-    return [sys.executable, "-m", "emdloss", "experiment", "ordinal", "--out", str(out), "--tiny", "--seeds", SEEDS,
+    return [sys.executable, "-m", "emdloss", "experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", SEEDS,
             "--no-progress"]
 
 
@@ -69,11 +69,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path) -> None:
     out.mkdir()
     (out / CHECKPOINT_NAME).write_text("{ not json")
     with pytest.raises(CheckpointError, match="corrupt"):
-        main(["experiment", "ordinal", "--out", str(out), "--tiny", "--seeds", "1", "--resume", "--no-progress"])
+        main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "1", "--resume", "--no-progress"])
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path) -> None:
     out = tmp_path / "run"
-    assert main(["experiment", "ordinal", "--out", str(out), "--tiny", "--seeds", "1", "--no-progress"]) == 0
+    assert main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "1", "--no-progress"]) == 0
     with pytest.raises(CheckpointError, match="different configuration"):
-        main(["experiment", "ordinal", "--out", str(out), "--tiny", "--seeds", "2", "--resume", "--no-progress"])
+        main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "2", "--resume", "--no-progress"])

@@ -21,7 +21,7 @@ def _problems():
     rng = np.random.default_rng(0)
     yield "chain", Tree.chain(7)
     yield "chain-spaced", Tree.chain(6, spacing=rng.uniform(0.2, 2.0, 5))
-    for k, shape in enumerate(("random", "deep", "bushy")):
+    for k, shape in enumerate(("recursive", "deep", "bushy")):
         yield f"tree-{shape}", random_tree(np.random.default_rng(k), 14, shape=shape, internal_classes=(k == 0))
 
 
@@ -274,9 +274,9 @@ def test_bad_input_raises_named_error(kwargs, exc, match):
 
 
 def test_quick_experiment_writes_outputs(tmp_path):
-    from emdloss.cli import main
+    from emdloss_lab.cli import main
 
-    rc = main(["experiment", "sinkhorn", "--out", str(tmp_path), "--quick", "--tiny"])
+    rc = main(["experiment", "sinkhorn", "--out", str(tmp_path), "--quick", "--smoke"])
     assert rc == 0
     for name in ("results.json", "report.md", "sinkhorn_error_vs_reg.png", "sinkhorn_time.png"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -11,9 +11,9 @@ import torch
 
 PIL = pytest.importorskip("PIL.Image")
 
-from emdloss.cli import main  # noqa: E402
-from emdloss.experiments import imagenet  # noqa: E402
-from emdloss.experiments.runner import CheckpointError  # noqa: E402
+from emdloss_lab.cli import main  # noqa: E402
+from emdloss_lab.experiments import imagenet  # noqa: E402
+from emdloss_lab.experiments.runner import CheckpointError  # noqa: E402
 
 WNIDS = ["n01", "n02", "n03", "n04"]
 ISA = "n00 n10\nn00 n20\nn10 n01\nn10 n02\nn20 n03\nn20 n04\n"

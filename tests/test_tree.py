@@ -39,7 +39,7 @@ def bfs_distances(tree: Tree) -> np.ndarray:
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("shape", ["random", "deep", "bushy"])
+@pytest.mark.parametrize("shape", ["recursive", "deep", "bushy"])
 def test_dfs_intervals_are_subtrees(seed: int, shape: str) -> None:
     rng = np.random.default_rng(seed)
     tree = random_tree(rng, int(rng.integers(2, 40)), shape=shape, internal_classes=True)

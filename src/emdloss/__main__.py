@@ -1,5 +1,7 @@
+"""``python -m emdloss``: the ``emdloss`` command, which lives in :mod:`emdloss_lab.cli`."""
+
 import sys
 
-from .cli import main
+from emdloss_lab.cli import main
 
 sys.exit(main())

@@ -169,16 +169,18 @@ def _log_sinkhorn(
     max_iter: int,
     tol: float,
     check_every: int,
-    trace: dict[int, Tensor] | None = None,
+    g0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
-    """Log-domain iterations on (N, C) log-marginals. Returns (log T, f, g, n_iter, row marginal error).
+    """Log-domain iterations on (N, C) log-marginals from the target-side potential ``g0`` (default 0).
+    Returns (log T, f, g, n_iter, row marginal error).
 
-    Potentials are kept in units of ``reg`` (``fs = f / reg``). ``trace`` maps an iteration number to the
-    (N,) values <T, M> after it, filled for the keys it holds on entry.
+    Potentials are kept in units of ``reg`` (``fs = f / reg``). The plan depends on ``g0`` only up to an
+    additive constant, which the first f-update absorbs: starting from the centred ``g`` of a run of k
+    iterations continues that run exactly.
     """
     mt = -cost / reg  # (C, C), M_ij / reg negated
     a = torch.exp(la)
-    gs = torch.zeros_like(lb)
+    gs = torch.zeros_like(lb) if g0 is None else g0 / reg
     fs = -_lse((lb + gs).unsqueeze(1) + mt, dim=2)  # (N, C)
     it, err = 0, torch.full(la.shape[:1], math.inf, dtype=la.dtype, device=la.device)
     while it < max_iter:
@@ -187,9 +189,6 @@ def _log_sinkhorn(
         fs_next = -_lse((lb + gs).unsqueeze(1) + mt, dim=2)
         # row sums of T(fs, gs) are a * exp(fs - fs_next)
         err = (a * (1 - torch.exp(_finite_or(fs - fs_next)))).abs().sum(-1)
-        if trace is not None and it in trace:
-            lt = (la + fs).unsqueeze(2) + (lb + gs).unsqueeze(1) + mt
-            trace[it] = (torch.exp(lt) * cost).sum((1, 2)).detach()
         if tol > 0 and (it % check_every == 0 or it == max_iter) and bool((err <= tol).all()):
             break
         if it < max_iter:
@@ -207,7 +206,6 @@ def _plain_sinkhorn(
     tol: float,
     check_every: int,
     on_underflow: str,
-    trace: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
     """Scaling iterations u = a / (K v), v = b / (K^T u), K = exp(-M / reg). Same returns as
     :func:`_log_sinkhorn`; raises :class:`SinkhornUnderflowError` when a scaling stops being finite."""
@@ -240,8 +238,6 @@ def _plain_sinkhorn(
         stop = tol > 0 and (it % check_every == 0 or it == max_iter)
         if it % check_every == 0 or it == max_iter:
             check(it, u, v)
-        if trace is not None and it in trace:
-            trace[it] = (u.unsqueeze(2) * k * v.unsqueeze(1) * cost).sum((1, 2)).detach()
         if stop and bool((err <= tol).all()):
             break
         if it < max_iter:
@@ -269,7 +265,7 @@ def sinkhorn(
     validate: bool | None = None,
     on_underflow: str = "raise",
     return_info: bool = False,
-    _trace: dict[int, Tensor] | None = None,
+    warm_start: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, SinkhornInfo]:
     r"""Entropic OT (Sinkhorn) loss ``<T*, M>`` between predictions and targets, for any ground cost.
 
@@ -290,6 +286,9 @@ def sinkhorn(
         on_underflow: plain variant only: "raise" a :class:`SinkhornUnderflowError` naming the safe reg,
             or "ignore" and return whatever the arithmetic gave (NaN/inf).
         return_info: also return a :class:`SinkhornInfo` (plan, potentials, iterations, convergence).
+        warm_start: (M, C) target-side potentials to start from, M = N * d1 * ... * dk, typically
+            ``info.g`` of an earlier call on the same rows: ``k`` iterations and then ``j`` more from its ``g``
+            give the plan of ``k + j`` iterations. Log domain only.
 
     Returns:
         The loss (scalar, or (N, d1, ..., dk) with ``reduction="none"``), and the info if asked.
@@ -319,15 +318,23 @@ def sinkhorn(
     else:
         b = rows.soft.to(acc)
     lb = _safe_log(b)
+    g0 = None
+    if warm_start is not None:
+        if not log_domain:
+            raise ValueError("warm_start needs log_domain=True")
+        if not isinstance(warm_start, Tensor) or warm_start.shape != lb.shape:
+            shape = tuple(warm_start.shape) if isinstance(warm_start, Tensor) else type(warm_start).__name__
+            raise ValueError(f"warm_start must be a ({lb.shape[0]}, {lb.shape[1]}) tensor of potentials, got {shape}")
+        g0 = warm_start.detach().to(device=device, dtype=acc)
     check_every = 1 if device.type == "cpu" else 10
 
     autodiff = grad == "autodiff" and torch.is_grad_enabled()
     with torch.set_grad_enabled(autodiff):
         if log_domain:
-            log_t, f, g, n_iter, err = _log_sinkhorn(la, lb, mat, reg, max_iter, tol, check_every, _trace)
+            log_t, f, g, n_iter, err = _log_sinkhorn(la, lb, mat, reg, max_iter, tol, check_every, g0)
             plan = torch.exp(log_t)
         else:
-            plan, f, g, n_iter, err = _plain_sinkhorn(a, b, mat, reg, max_iter, tol, check_every, on_underflow, _trace)
+            plan, f, g, n_iter, err = _plain_sinkhorn(a, b, mat, reg, max_iter, tol, check_every, on_underflow)
         value = (plan * mat).sum((1, 2))
     f = (f - f.mean(-1, keepdim=True)).detach()
     g = (g - g.mean(-1, keepdim=True)).detach()

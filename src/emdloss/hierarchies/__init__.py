@@ -1,6 +1,6 @@
 """Builders of :class:`~emdloss.Tree` hierarchies from real sources, one module per source.
 
-- :mod:`.wordnet`: ImageNet-style is-a edge files (:func:`from_isa_file`, :func:`imagenet_wordnet_tree`)
+- :mod:`.wordnet`: ImageNet-style is-a edge files (:func:`from_isa_file`)
   and nltk's WordNet corpus (:func:`from_nltk`).
 - :mod:`.graph`: networkx ``DiGraph`` (:func:`from_networkx`).
 - :mod:`.newick`: Newick strings (:func:`from_newick`).
@@ -16,7 +16,7 @@ from ._dag import POLICIES, DagReport, dag_to_tree
 from .cluster import DistortionReport, from_distance_matrix, from_embeddings, tree_distortion
 from .graph import from_networkx
 from .newick import NewickError, from_newick
-from .wordnet import from_isa_file, from_nltk, imagenet_wordnet_tree, read_isa, read_words
+from .wordnet import from_isa_file, from_nltk, read_isa, read_words
 
 __all__ = [
     "POLICIES",
@@ -30,7 +30,6 @@ __all__ = [
     "from_networkx",
     "from_newick",
     "from_nltk",
-    "imagenet_wordnet_tree",
     "read_isa",
     "read_words",
     "tree_distortion",

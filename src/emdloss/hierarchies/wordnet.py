@@ -16,7 +16,7 @@ from typing import Any
 from ..tree import Tree, TreeError
 from ._dag import DagReport, check_policy, dag_to_tree
 
-__all__ = ["read_isa", "read_words", "from_isa_file", "imagenet_wordnet_tree", "from_nltk"]
+__all__ = ["read_isa", "read_words", "from_isa_file", "from_nltk"]
 
 
 def read_isa(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
@@ -34,12 +34,8 @@ def read_isa(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return edges
 
 
-def read_words(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """wnid -> first lemma from ImageNet's ``words.txt`` (default: the shared data copy)."""
-    if path is None:
-        from ..data import data_file
-
-        path = data_file("hierarchies/imagenet-wordnet/words.txt")
+def read_words(path: str | os.PathLike[str]) -> dict[str, str]:
+    """wnid -> first lemma from ImageNet's ``words.txt`` (``WNID<TAB>lemma, lemma, ...`` per line)."""
     out = {}
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -71,28 +67,6 @@ def from_isa_file(
         return_report: also return the :class:`DagReport` (how many nodes had several parents, ...).
     """
     return _finish(dag_to_tree(read_isa(path), classes, multi_parent=multi_parent, prune=prune), return_report)
-
-
-def imagenet_wordnet_tree(
-    *, multi_parent: str = "deepest", prune: bool = False, return_report: bool = False
-) -> Tree | tuple[Tree, DagReport]:
-    """The ImageNet-1k WordNet tree built from the raw WordNet 3.0 is-a DAG in the shared data.
-
-    Classes are the 1,000 ILSVRC-2012 wnids in the standard class-index order (sorted wnids,
-    ``timm/imagenet_synsets.txt``); the root is ``n00001740`` (entity). Unpruned: 1,860 nodes, 75 of them
-    resolved from several parents. See :func:`emdloss.data.imagenet_tree` for Bertinetto et al.'s
-    hand-pruned ImageNet-H tree.
-    """
-    from ..data import data_file
-
-    classes = data_file("hierarchies/timm/imagenet_synsets.txt").read_text().split()
-    return from_isa_file(
-        data_file("hierarchies/imagenet-wordnet/is_a.txt"),
-        classes,
-        multi_parent=multi_parent,
-        prune=prune,
-        return_report=return_report,
-    )
 
 
 def _wnid(synset: Any) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tree import Tree
+from emdloss.tree import Tree
 from . import runner
 from .training import LOSSES, make_loss
 
@@ -195,7 +195,7 @@ def build_model(arch: str, num_classes: int) -> tuple[nn.Module, str]:
 
 def build_tree(classes: list[str], isa: str | None) -> Tree:
     if isa is not None:
-        from ..hierarchies import from_isa_file
+        from emdloss.hierarchies import from_isa_file
 
         if not Path(isa).exists():
             raise FileNotFoundError(f"--isa file not found: {isa}")
@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate(model: nn.Module, ds: Any, tree: Tree, device: torch.device, args: argparse.Namespace, world: int,
              rank: int, amp: bool, amp_dtype: torch.dtype) -> dict[str, float]:
     """Validation metrics (top-1/5, mistake severity, LCA height, hdist@5, EMD), all-reduced across processes."""
-    from ..metrics import HierarchicalMetrics
+    from emdloss.metrics import HierarchicalMetrics
 
     sampler = (torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False, drop_last=False)
                if world > 1 else None)

@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional
+from emdloss import functional
+from .. import synthetic
 from ..experiments import runner
-from ..losses import EMDLoss
-from ..tree import Tree
+from emdloss.losses import EMDLoss
+from emdloss.tree import Tree
 
 #: Largest C x E (classes x edges) for which the dense closed form is run (128 MiB of float32).
 DENSE_MAX_ENTRIES = 2**25
@@ -226,19 +227,11 @@ def build_tree(name: str, seed: int = 0) -> Tree:
 
 
 def random_tree(num_classes: int, seed: int = 0) -> Tree:
-    """A random tree with ``num_classes`` leaf classes, ids shuffled against DFS order.
-
-    ``num_classes // 4`` internal nodes form a uniform random recursive tree (expected depth ~ ln of its size);
-    each class is a leaf hung under a uniformly chosen internal node; edge lengths uniform in [0.5, 1.5].
-    """
-    rng = np.random.default_rng(seed)
-    n_int = max(1, num_classes // 4)
-    parents_int = np.floor(rng.random(n_int) * np.arange(n_int)).astype(np.int64)
-    parents_int[0] = -1
-    parents = np.concatenate([parents_int, rng.integers(0, n_int, num_classes)])
-    weights = rng.uniform(0.5, 1.5, parents.size)
-    classes = n_int + rng.permutation(num_classes)
-    return Tree.from_parents(parents, weights=weights, classes=classes)
+    """A random tree with ``num_classes`` leaf classes under ``num_classes // 4`` internal nodes (a uniform
+    random recursive tree, expected depth ~ ln of its size), edge lengths uniform in [0.5, 1.5], classes in
+    random output order (so not in DFS order)."""
+    n_internal = max(1, num_classes // 4)
+    return synthetic.random_tree(np.random.default_rng(seed), n_internal + num_classes, num_internal=n_internal)
 
 
 class DenseClosedForm:
@@ -701,7 +694,7 @@ def run_memory(tree: str, batch: int, cfg: Config) -> dict[str, Any]:
         return {"tree": tree, "batch": batch, "skipped": "needs Linux /proc/self/clear_refs"}
     job = {"tree": tree, "batch": batch, "seed": cfg.seed, "threads": cfg.threads}
     env = {**os.environ, **_MALLOC_ENV}
-    code = "from emdloss.benchmarks.speed import memory_child; memory_child()"
+    code = "from emdloss_lab.bench.speed import memory_child; memory_child()"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
@@ -745,7 +738,7 @@ def compile_child(t0: float) -> None:
 def run_compile_time() -> dict[str, Any]:
     """Cold (empty numba cache) and warm (cache filled) first calls, each in a fresh subprocess."""
     code = (
-        "import time; t0 = time.perf_counter(); from emdloss.benchmarks.speed import compile_child; compile_child(t0)"
+        "import time; t0 = time.perf_counter(); from emdloss_lab.bench.speed import compile_child; compile_child(t0)"
     )
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="emdloss-numba-cache-") as cache:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import metrics
-from ..functional import emd
-from ..tree import Tree
+from emdloss import metrics
+from emdloss.functional import emd
+from emdloss.tree import Tree
 from . import runner
 from .baselines import HXELoss, SoftLabelLoss
 
@@ -155,8 +155,7 @@ def add_experiment_arguments(parser: Any, default_seeds: int) -> None:
     parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    # an even smaller configuration than --quick, for the test suite (seconds, not minutes)
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
 
 
 def num_seeds(args: Any, default_seeds: int) -> int:

@@ -15,17 +15,17 @@ from collections.abc import Sequence
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("emdloss.experiments.demo", "train CE, EMD and relaxed EMD on a real chain and a real tree task"),
-    "bench": ("emdloss.benchmarks.speed", "time the losses against cross-entropy and OT solvers"),
-    "train-imagenet": ("emdloss.experiments.imagenet", "train on ImageNet (small-data regime) with any loss"),
+    "demo": ("emdloss_lab.experiments.demo", "train CE, EMD and relaxed EMD on a real chain and a real tree task"),
+    "bench": ("emdloss_lab.bench.speed", "time the losses against cross-entropy and OT solvers"),
+    "train-imagenet": ("emdloss_lab.experiments.imagenet", "train on ImageNet (small-data regime) with any loss"),
 }
 
 #: experiment name -> (module, one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "convergence": ("emdloss.experiments.convergence", "relaxed vs exact EMD: steps to fit target histograms"),
-    "ordinal": ("emdloss.experiments.ordinal", "ordinal classification on real tables (chains)"),
-    "hierarchy": ("emdloss.experiments.hierarchy", "hierarchical classification, small-data regime (trees)"),
-    "sinkhorn": ("emdloss.experiments.sinkhorn", "Sinkhorn's bias, stability, gradients and cost vs exact EMD"),
+    "convergence": ("emdloss_lab.experiments.convergence", "relaxed vs exact EMD: steps to fit target histograms"),
+    "ordinal": ("emdloss_lab.experiments.ordinal", "ordinal classification on real tables (chains)"),
+    "hierarchy": ("emdloss_lab.experiments.hierarchy", "hierarchical classification, small-data regime (trees)"),
+    "sinkhorn": ("emdloss_lab.experiments.sinkhorn_study", "Sinkhorn's bias, stability, gradients and cost vs exact EMD"),
 }
 
 

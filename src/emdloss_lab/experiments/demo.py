@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tree import Tree
+from emdloss.tree import Tree
 from . import runner
 from .training import chain_metrics, loss_table, make_loss, mlp, small_model_cpu, standardize, train, tree_metrics
 
@@ -67,7 +67,7 @@ def tree_task(seed: int, per_class: int) -> dict[str, Any]:
     """Digits with ``per_class`` training images a class and a tree clustered from the training class means."""
     from sklearn.datasets import load_digits
 
-    from ..hierarchies import from_embeddings
+    from emdloss.hierarchies import from_embeddings
 
     x, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..tree import Tree
+from emdloss.tree import Tree
 
 __all__ = ["HXELoss", "SoftLabelLoss", "ancestor_matrix"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_path, write_text
+from emdloss._atomic import atomic_path, write_text
 
 CHECKPOINT_NAME = "checkpoint.json"
 

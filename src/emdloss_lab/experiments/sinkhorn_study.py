@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import Tree
-from ..functional import emd
-from ..sinkhorn import sinkhorn, underflow_reg
+from emdloss import Tree
+from emdloss.functional import emd
+from emdloss.sinkhorn import sinkhorn, underflow_reg
+from .. import synthetic
 from . import runner
 
 NAME = "sinkhorn"
@@ -42,14 +43,14 @@ NAME = "sinkhorn"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
     parser.add_argument("--quick", action="store_true", help="a short run (< 2 min on 2 cores)")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-suite configuration
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def make_config(quick: bool, tiny: bool, seed: int) -> dict[str, Any]:
-    if tiny:
+def make_config(quick: bool, smoke: bool, seed: int) -> dict[str, Any]:
+    if smoke:
         return {
             "seed": seed,
             "chain": 6,
@@ -113,20 +114,11 @@ def make_config(quick: bool, tiny: bool, seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- problems
 
 
-def random_tree(rng: np.random.Generator, num_nodes: int) -> Tree:
-    """Uniform random recursive tree, edge lengths U(0.5, 2), leaves as classes."""
-    parents = np.full(num_nodes, -1, dtype=np.int64)
-    parents[1:] = [rng.integers(0, i) for i in range(1, num_nodes)]
-    is_leaf = np.ones(num_nodes, dtype=bool)
-    is_leaf[parents[1:]] = False
-    return Tree.from_parents(parents, weights=rng.uniform(0.5, 2.0, num_nodes), classes=np.flatnonzero(is_leaf))
-
-
 def problems(config: dict[str, Any]) -> tuple[dict[str, Tree], str | None]:
     rng = np.random.default_rng(config["seed"])
     out = {f"chain-{config['chain']}": Tree.chain(config["chain"])}
     for n in config["tree_nodes"]:
-        tree = random_tree(rng, n)
+        tree = synthetic.random_tree(rng, n, weight_range=(0.5, 2.0), permute_classes=False)
         out[f"random-tree-{n}n-{tree.num_classes}c"] = tree
     note = None
     if config["imagenet"]:
@@ -311,10 +303,10 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
         tree = Tree.chain(c)
     else:  # a random tree with c leaves: grow until it has them
         n = 2 * c
-        tree = random_tree(rng, n)
+        tree = synthetic.random_tree(rng, n, weight_range=(0.5, 2.0), permute_classes=False)
         while tree.num_classes < c:
             n += max(1, c // 4)
-            tree = random_tree(rng, n)
+            tree = synthetic.random_tree(rng, n, weight_range=(0.5, 2.0), permute_classes=False)
     c = tree.num_classes
     cost = tree.distance_matrix()
     reg, iters, reps = 0.05 * float(cost.max()), config["timing_iters"], config["timing_repeats"]
@@ -569,7 +561,7 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = make_config(args.quick, getattr(args, "tiny", False), args.seed)
+    config = make_config(args.quick, args.smoke, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner.seed_everything(args.seed)

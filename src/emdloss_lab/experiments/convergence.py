@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ..data import data_file, tiered_imagenet_tree
-from ..functional import emd
-from ..tree import Tree
+from emdloss.functional import emd
+from emdloss.tree import Tree
 from . import runner
 from .training import add_experiment_arguments, mlp, num_seeds, small_model_cpu
 
@@ -86,7 +86,7 @@ def loss_fn(name: str, tree: Tree, cost: torch.Tensor | None):
     if name == "kl":
         return lambda z, q: (q * (torch.log(q.clamp_min(1e-30)) - torch.log_softmax(z, 1))).sum(1).mean()
     if name == "sinkhorn":
-        from ..functional import sinkhorn
+        from emdloss.functional import sinkhorn
 
         reg = 0.05 * float(cost.max())
         return lambda z, q: sinkhorn(z, q, cost, reg=reg, max_iter=50, tol=1e-4, log_domain=False)
@@ -136,14 +136,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     seeds = num_seeds(args, 3)
-    quick = args.quick or args.tiny
+    quick = args.quick or args.smoke
     config = {
         "experiment": "convergence",
-        "tasks": {"chain": {"n": 4 if quick else 20}, "tree": {"n": 2 if args.tiny else 4 if quick else 16}},
+        "tasks": {"chain": {"n": 4 if quick else 20}, "tree": {"n": 2 if args.smoke else 4 if quick else 16}},
         "params": list(PARAMS),
         "losses": list(LOSSES),
         "seeds": seeds,
-        "steps": 12 if args.tiny else 60 if quick else 300,
+        "steps": 12 if args.smoke else 60 if quick else 300,
         "lr": {"logits": 0.05, "network": 0.003},
         "tol": args.tol,
         "sinkhorn": "reg = 0.05 * max cost, max_iter 50, tol 1e-4, plain (scaling) iterations; tree only"

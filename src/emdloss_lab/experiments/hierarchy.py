@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import data
-from ..tree import Tree
+from emdloss.tree import Tree
 from . import runner
 from .training import (
     add_experiment_arguments,
@@ -113,20 +113,20 @@ def run_digits(per_class: int, loss: str, seed: int, steps: int) -> dict[str, fl
         return tree_metrics(model(task["x_test"]), task["y_test"], task["tree"])
 
 
-def configuration(quick: bool, seeds: int, tiny: bool = False) -> dict[str, Any]:
-    quick = quick or tiny
-    gen = {"dim": 32, "sigma_node": 1.0, "sigma_within": 3.0, "test_per_class": 2 if tiny else 10, "lr": 1e-2,
-           "batch": 256, "steps": 5 if tiny else 60 if quick else 250}
+def configuration(quick: bool, seeds: int, smoke: bool = False) -> dict[str, Any]:
+    quick = quick or smoke
+    gen = {"dim": 32, "sigma_node": 1.0, "sigma_within": 3.0, "test_per_class": 2 if smoke else 10, "lr": 1e-2,
+           "batch": 256, "steps": 5 if smoke else 60 if quick else 250}
     return {
         "experiment": "hierarchy",
         "seeds": seeds,
         "losses": list(LOSSES),
         "loss_options": LOSS_KW,
         "generated": gen,
-        "imagenet_per_class": [2] if tiny else [20] if quick else [5, 10, 20, 50, 100],
+        "imagenet_per_class": [2] if smoke else [20] if quick else [5, 10, 20, 50, 100],
         "other_trees": [] if quick else ["inat19", "tiered"],
         "other_per_class": 50,
-        "digits": {"per_class": 5, "steps": 10 if tiny else 100 if quick else 300,
+        "digits": {"per_class": 5, "steps": 10 if smoke else 100 if quick else 300,
                    "model": "MLP(64) Adam lr 1e-2 batch 64; tree: average linkage of training class means"},
     }
 
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     seeds = num_seeds(args, 2)
-    cfg = configuration(args.quick, seeds, args.tiny)
+    cfg = configuration(args.quick, seeds, args.smoke)
     ckpt = runner.Checkpoint(out, cfg, resume=args.resume)
     units: list[tuple[str, int, str, int]] = []
     for s in range(seeds):

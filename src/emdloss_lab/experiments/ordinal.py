@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import data_file
-from ..tree import Tree
+from emdloss.tree import Tree
 from . import runner
 from .training import (
     add_experiment_arguments,
@@ -93,10 +93,10 @@ def _run(args: argparse.Namespace) -> int:
     seeds = num_seeds(args, 5)
     config = {
         "experiment": "ordinal",
-        "datasets": ["lev"] if args.tiny else ["era", "lev"] if args.quick else list(DATASETS),
+        "datasets": ["lev"] if args.smoke else ["era", "lev"] if args.quick else list(DATASETS),
         "losses": list(LOSSES),
         "seeds": seeds,
-        "steps": 20 if args.tiny else 150 if args.quick else 1500,
+        "steps": 20 if args.smoke else 150 if args.quick else 1500,
         "model": "MLP(64) Adam lr 3e-3 wd 1e-4 batch 128; 70/30 random split per seed",
     }
     ckpt = runner.Checkpoint(out, config, resume=args.resume)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from emdloss import EMDLoss, Tree, _checks
 from emdloss.backends import numba_kernels
-from emdloss.data import imagenet_tree
+from emdloss_lab.data import imagenet_tree
 
 
 def timed(fn, n: int = 300) -> float:
