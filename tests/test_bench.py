@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from emdloss import functional
-from emdloss_lab.bench import speed
+from emdloss_lab.bench.harness import make_inputs
+from emdloss_lab.bench.methods import DenseClosedForm, random_tree
+from emdloss_lab.bench.probes import slope
 from emdloss_lab.cli import main
 
 TINY = [
@@ -74,11 +76,11 @@ def test_scaling_and_memory_sections(bench_out):
 
 def test_slope_recovers_a_power_law():
     c = [1e3, 1e4, 1e5]
-    assert speed.slope(c, [2e-3 * (x / 1e3) ** 1.5 for x in c]) == pytest.approx(1.5)
+    assert slope(c, [2e-3 * (x / 1e3) ** 1.5 for x in c]) == pytest.approx(1.5)
 
 
 def test_random_tree_has_the_asked_number_of_leaf_classes():
-    tree = speed.random_tree(500, seed=3)
+    tree = random_tree(500, seed=3)
     assert tree.num_classes == 500
     is_leaf = np.ones(tree.num_nodes, dtype=bool)
     is_leaf[tree.parents[tree.parents >= 0]] = False
@@ -87,11 +89,11 @@ def test_random_tree_has_the_asked_number_of_leaf_classes():
 
 @pytest.mark.parametrize("rho", [1.0, 2.0, 1.5])
 def test_dense_closed_form_matches_reference(rho):
-    tree = speed.random_tree(60, seed=1)
+    tree = random_tree(60, seed=1)
     gen = torch.Generator().manual_seed(0)
     for kind in ("hard", "soft"):
-        x, t = speed.make_inputs(5, tree.num_classes, kind, gen)
-        dense = speed.DenseClosedForm(tree, rho)(x.double().detach(), t.double() if kind == "soft" else t)
+        x, t = make_inputs(5, tree.num_classes, kind, gen)
+        dense = DenseClosedForm(tree, rho)(x.double().detach(), t.double() if kind == "soft" else t)
         dense = dense.float()
         ref = functional.emd(x.detach(), t, tree, rho=rho, backend="torch")
         assert float(dense) == pytest.approx(float(ref), rel=1e-5)
@@ -113,8 +115,8 @@ def test_device_option_is_checked(tmp_path, capsys):
 
 
 def test_inputs_are_the_same_numbers_on_any_device():
-    a = speed.make_inputs(4, 9, "soft", torch.Generator().manual_seed(3))
-    b = speed.make_inputs(4, 9, "soft", torch.Generator().manual_seed(3), device="cpu")
+    a = make_inputs(4, 9, "soft", torch.Generator().manual_seed(3))
+    b = make_inputs(4, 9, "soft", torch.Generator().manual_seed(3), device="cpu")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].requires_grad and a[0].is_leaf
 
 

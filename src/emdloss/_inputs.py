@@ -1,0 +1,258 @@
+"""Input normalisation shared by every loss: user tensors in, one checked :class:`Batch` of (M, C) rows out.
+
+Cheap checks (ranks, shapes, dtypes, devices) always run. Checks that must read tensor values (class indices
+in range, soft targets and probabilities that are distributions) run when ``validate`` is True, or, with the
+default ``validate=None``, whenever the tensors live on the CPU and no ``torch.func`` transform is active,
+since reading them there forces no device synchronisation. Finite logits are checked after the loss, from the
+(M,) losses rather than the (M, C) input (:func:`emdloss._reduction.reduce_rows`). docs/bad-input.md lists
+every check and its message.
+
+Every backend receives the same :class:`Batch`, whichever runs: nothing here depends on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A loss call's inputs after normalisation: M = N * d1 * ... * dk rows of C classes.
+
+    Attributes:
+        x: (M, C) logits, or probabilities when not ``from_logits``; a view of the input where possible.
+        from_logits: whether a softmax over the classes turns ``x`` into probabilities.
+        labels: (M,) int64 class indices as given (ignored rows hold ``ignore_index``), or None.
+        soft: (M, C) target distributions, or None; exactly one of ``labels`` and ``soft`` is set.
+        ignore_index: the label of rows that count for nothing (class-index targets only).
+        keep: (M,) bool, True for rows that count; None when all do (always None for soft targets).
+        num_kept: the number of rows that count: an int, or a 0-d tensor when counting it on the device
+            would synchronise it.
+        reduction: "none" | "mean" | "sum", applied by :func:`emdloss._reduction.reduce_rows`.
+        out_shape: (N, d1, ..., dk), the shape of the unreduced loss.
+        values_checked: the value checks ran (so a non-finite loss is diagnosed).
+    """
+
+    x: Tensor
+    from_logits: bool
+    labels: Tensor | None
+    soft: Tensor | None
+    ignore_index: int
+    keep: Tensor | None
+    num_kept: int | Tensor
+    reduction: str
+    out_shape: tuple[int, ...]
+    values_checked: bool
+
+    @property
+    def row_weight(self) -> float | None:
+        """The gradient each row's loss receives from the reduction in a plain ``loss.backward()``: 1 / kept
+        rows for "mean", 1 otherwise; None where the count is a device tensor. Backends that compute the
+        gradient in the forward pass scale it by this, so that the common case needs no pass in backward."""
+        if self.reduction != "mean":
+            return 1.0
+        if isinstance(self.num_kept, Tensor):
+            return None
+        return 1.0 / self.num_kept if self.num_kept else 1.0
+
+
+def normalise(
+    input: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    from_logits: bool,
+    ignore_index: int,
+    validate: bool | None,
+    reduction: str,
+) -> Batch:
+    """Check ``input``/``target`` against ``torch.nn.CrossEntropyLoss``'s conventions and flatten them to rows.
+
+    Args:
+        input: (N, C) or (N, C, d1, ..., dk) floating logits (or probabilities if not ``from_logits``).
+        target: (N,) / (N, d1, ..., dk) integer class indices, or a floating tensor of ``input``'s shape.
+        num_classes: C expected by the tree or cost matrix.
+        validate: read values to check them (None: on the CPU outside ``torch.func`` transforms).
+    """
+    check_reduction(reduction)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dtype not in FLOAT_DTYPES:
+        kind = "complex" if input.dtype.is_complex else ("integer" if not input.dtype.is_floating_point else "")
+        raise TypeError(
+            f"input must be a floating tensor (float16, bfloat16, float32 or float64), got {kind + ' ' if kind else ''}"
+            f"dtype {input.dtype}; cast it with input.float()"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"input must have shape (N, C) or (N, C, d1, ..., dk) with C = {num_classes}, got shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != num_classes:
+        raise ValueError(
+            f"input has {input.shape[1]} classes along dim 1 (shape {tuple(input.shape)}), but the tree has "
+            f"{num_classes} classes"
+        )
+    if target.device != input.device:
+        raise ValueError(f"input is on {input.device} but target is on {target.device}; move them to one device")
+
+    spatial = input.dim() > 2
+    out_shape = (input.shape[0], *input.shape[2:])
+    x = _rows(input) if spatial else input
+    values = should_validate(validate, input)
+    common = {"x": x, "from_logits": bool(from_logits), "ignore_index": int(ignore_index), "reduction": reduction,
+              "out_shape": out_shape, "values_checked": values}  # fmt: skip
+
+    if target.dtype.is_floating_point:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"soft (floating) target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}; "
+                "class-index targets must be an integer tensor"
+            )
+        soft = _rows(target) if spatial else target
+        if values:
+            check_distribution(soft, "target")
+        batch = Batch(labels=None, soft=soft, keep=None, num_kept=x.shape[0], **common)
+    elif target.dtype in INDEX_DTYPES:
+        if target.shape != out_shape:
+            raise ValueError(
+                f"class-index target must have shape {out_shape} for input of shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        labels, keep, num_kept = _class_indices(target.reshape(-1), num_classes, int(ignore_index), values)
+        batch = Batch(labels=labels, soft=None, keep=keep, num_kept=num_kept, **common)
+    else:
+        raise TypeError(
+            f"target must be integer class indices (int64) or a floating distribution, got dtype {target.dtype}"
+        )
+    if values and x.numel() and not from_logits:
+        check_distribution(x, "input (probabilities, from_logits=False)")
+    return batch
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, C, d1, ..., dk) -> (N * d1 * ... * dk, C), classes last."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _class_indices(labels: Tensor, num_classes: int, ignore_index: int, values: bool) -> tuple[Tensor, Tensor | None, int | Tensor]:
+    """(M,) class indices -> (int64 indices, keep mask or None, number kept). With ``values``, an index outside
+    [0, C) that is not ``ignore_index`` raises. On the CPU this runs in numpy: a few operations on M integers,
+    each far cheaper there than a torch op's overhead."""
+    if labels.device.type == "cpu" and not tracing():
+        h = labels.numpy().astype(np.int64, copy=False)
+        ignored = h == ignore_index
+        if values:
+            check_labels(h, num_classes, ignore_index)
+        n_ignored = int(np.count_nonzero(ignored))
+        keep = torch.from_numpy(~ignored) if n_ignored else None
+        return torch.from_numpy(h), keep, h.shape[0] - n_ignored
+    labels = labels.long()
+    keep = labels != ignore_index
+    if values and labels.numel():
+        bad = ((labels < 0) | (labels >= num_classes)) & keep
+        if bool(bad.any()):
+            raise ValueError(bad_label_message(int(labels[bad][0]), num_classes, ignore_index))
+    return labels, keep, keep.sum()
+
+
+def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
+    """Raise if a class index is outside [0, C) and not ``ignore_index``."""
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bad.any():
+        raise ValueError(bad_label_message(int(labels[bad][0]), num_classes, ignore_index))
+
+
+def bad_label_message(label: int, num_classes: int, ignore_index: int) -> str:
+    return f"target contains class index {label}, outside [0, {num_classes}) (and not ignore_index={ignore_index})"
+
+
+def sum_tolerance(num_classes: int, dtype: torch.dtype) -> float:
+    """How far a distribution's sum may be from 1: ``1e-4 + 10 * sqrt(C) * eps(dtype)``.
+
+    That is a few times the rounding error of summing C float values, with a floor of 1e-4; for float16 and
+    bfloat16 it is about 0.01-0.1.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return 1e-4 + 10.0 * (num_classes**0.5) * eps
+
+
+def check_distribution(t: Tensor, name: str) -> None:
+    """Rows of ``t`` (M, C) must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`.
+
+    A NaN or inf anywhere makes its row's sum non-finite, so the sums and the minimum are all that is read:
+    two reductions, no (M, C) temporaries; in numpy for float32/float64 CPU tensors (cheaper there than two
+    torch reductions' overhead), in torch elsewhere.
+    """
+    if t.numel() == 0:
+        return
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not tracing():
+        a = t.numpy()
+        sums = a.sum(axis=-1)
+        finite = bool(np.isfinite(sums).all())
+        low = float(a.min()) if finite else 0.0
+        worst = float(np.abs(sums - 1).max()) if finite else 0.0
+    else:
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        sums = t.sum(dim=-1, dtype=acc)
+        finite = bool(torch.isfinite(sums).all())
+        low = float(t.amin()) if finite else 0.0
+        worst = float((sums - 1).abs().max()) if finite else 0.0
+    if not finite:
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if low < 0:
+        raise ValueError(f"{name} has negative entries (min {low:.3g}); it must be a distribution")
+    tol = sum_tolerance(t.shape[-1], t.dtype)
+    if worst > tol:
+        raise ValueError(f"{name} rows must sum to 1 (tolerance {tol:.2g}); the worst row is off by {worst:.3g}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_rho(rho: float) -> float:
+    try:
+        rho_f = float(rho)
+    except (TypeError, ValueError):
+        raise TypeError(f"rho must be a real number >= 1, got {rho!r}") from None
+    if not (rho_f >= 1.0) or rho_f == float("inf"):
+        raise ValueError(f"rho must be a finite number >= 1 (1: exact EMD, 2: relaxed), got {rho!r}")
+    return rho_f
+
+
+def should_validate(validate: bool | None, *tensors: Tensor) -> bool:
+    if validate is None:
+        # value checks are data-dependent control flow, which torch.func.vmap cannot trace
+        return not functorch_active() and all(t.device.type == "cpu" for t in tensors)
+    return bool(validate)
+
+
+def all_finite(x: Tensor) -> bool:
+    """True if every entry is finite. One fast reduction; the exact elementwise test only if its sum is not
+    finite (which a NaN/inf forces, and overflow of huge finite values may cause)."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, ...); False on torch versions without the query."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def tracing() -> bool:
+    """True under torch.compile or a torch.func transform, where tensors cannot go through numpy."""
+    return torch.compiler.is_compiling() or functorch_active()

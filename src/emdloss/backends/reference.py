@@ -1,0 +1,197 @@
+"""Reference backend ("torch"): the DFS-interval closed form in plain torch ops. Runs on any device, under
+``torch.compile`` and ``torch.func``, and differentiates with respect to soft targets too.
+
+With the tree's nodes in depth-first pre-order, the nodes below edge ``e`` are the positions
+``[lo_e, hi_e)``. For mass differences ``d = p - q`` placed at their classes' positions and
+``c = cumsum([0, d])``:
+
+    f_e  = c[hi_e] - c[lo_e]                                  flows, (N, E)
+    L    = sum_e w_e |f_e|^rho                                 loss, (N,)
+    h_e  = rho * w_e * sign(f_e) * |f_e|^(rho - 1)             dL/df_e
+    dL/dd_j = sum_{e: lo_e <= j < hi_e} h_e = cumsum(A)[j],    A = +h_e at lo_e, -h_e at hi_e
+
+Cumulative sums run in float64, whatever the input dtype, so long chains lose no precision to
+cancellation (``c`` is a running sum of terms of both signs). Cost: O(N * nodes) time and memory,
+a handful of passes; the fused CPU backend (:mod:`.fused_cpu`) does the same in one pass per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._inputs import Batch
+from ..tree import Tree
+from .base import Backend
+
+ACC_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class TreeTensors:
+    """The index tensors of a tree on one device (all 1-D).
+
+    class_pos: (C,) DFS position of each class. edge_lo / edge_hi: (E,) the position range below each
+    edge, edges ordered as ``tree.edge_nodes``. edge_w: (E,) float64 edge lengths.
+    """
+
+    num_nodes: int
+    class_pos: Tensor
+    edge_lo: Tensor
+    edge_hi: Tensor
+    edge_w: Tensor
+
+    @staticmethod
+    def from_tree(tree: Tree, device: torch.device | str | None = None) -> TreeTensors:
+        lo = tree.position[tree.edge_nodes]
+        arrays = {
+            "class_pos": tree.position[tree.classes],
+            "edge_lo": lo,
+            "edge_hi": tree.subtree_end[lo],
+            "edge_w": tree.weights[tree.edge_nodes],
+        }
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+        return TreeTensors(num_nodes=tree.num_nodes, **tensors)
+
+    @staticmethod
+    def cached(tree: Tree, device: torch.device) -> TreeTensors:
+        """The tensors of ``tree`` on ``device``, built once per tree and device."""
+        return tree.cached(("reference", str(device)), lambda: TreeTensors.from_tree(tree, device))
+
+
+def scatter_to_positions(d: Tensor, tt: TreeTensors) -> Tensor:
+    """(N, C) class values -> (N, num_nodes + 1) float64, shifted one right: column ``pos + 1``."""
+    z = d.new_zeros((d.shape[0], tt.num_nodes + 1), dtype=ACC_DTYPE)
+    z[:, 1:].index_copy_(1, tt.class_pos, d.to(ACC_DTYPE))
+    return z
+
+
+def edge_flows(d: Tensor, tt: TreeTensors) -> Tensor:
+    """(N, C) mass differences -> (N, E) float64 flows ``f_e`` (mass of d below each edge)."""
+    c = scatter_to_positions(d, tt).cumsum(1)
+    return c.index_select(1, tt.edge_hi) - c.index_select(1, tt.edge_lo)
+
+
+def flow_gradient(h: Tensor, tt: TreeTensors) -> Tensor:
+    """Adjoint of :func:`edge_flows`: (N, E) per-edge sensitivities -> (N, C) ``sum_{e above j} h_e``."""
+    a = h.new_zeros((h.shape[0], tt.num_nodes + 1))
+    a.index_add_(1, tt.edge_lo, h)
+    a.index_add_(1, tt.edge_hi, h, alpha=-1)
+    return a.cumsum(1).index_select(1, tt.class_pos)
+
+
+def edge_cost(f: Tensor, w: Tensor, rho: float) -> Tensor:
+    """(N, E) flows -> (N,) ``sum_e w_e |f_e|^rho``."""
+    a = f.abs()
+    if rho != 1.0:
+        a = a.square() if rho == 2.0 else a.pow(rho)
+    return a @ w
+
+
+def edge_cost_grad(f: Tensor, w: Tensor, rho: float) -> Tensor:
+    """(N, E) flows -> (N, E) ``d/df_e of w_e |f_e|^rho`` (0 at f_e = 0 for rho = 1: a subgradient)."""
+    if rho == 1.0:
+        return f.sign() * w
+    if rho == 2.0:
+        return 2.0 * f * w
+    return rho * f.sign() * f.abs().pow(rho - 1.0) * w
+
+
+class _ReferenceEMDFunction(torch.autograd.Function):
+    """``d (M, C) -> (sum_e w_e |f_e(d)|^rho (M,), flows f (M, E))`` with the closed-form backward above.
+
+    Differentiate ``d = p - q`` outside (softmax included), so this one Function serves logits,
+    probabilities, hard and soft targets. The flows are a second, non-differentiable output so that
+    ``setup_context`` can save them (the form ``torch.func`` transforms need); ``vmap`` folds the vmapped
+    dimension into the rows, since every row is independent.
+    """
+
+    @staticmethod
+    def forward(d: Tensor, tt: TreeTensors, rho: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        f = edge_flows(d, tt)
+        return edge_cost(f, tt.edge_w, rho).to(d.dtype), f
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        d, tt, rho = inputs
+        f = output[1]
+        ctx.mark_non_differentiable(f)
+        ctx.save_for_backward(f)
+        ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore
+        (f,) = ctx.saved_tensors
+        h = edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * grad_out.to(ACC_DTYPE)[:, None]
+        return flow_gradient(h, ctx.tt).to(ctx.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
+        if in_dims[0] is None:
+            return _ReferenceEMDFunction.apply(d, tt, rho), (None, None)
+        d = d.movedim(in_dims[0], 0)
+        b = d.shape[0]
+        loss, f = _ReferenceEMDFunction.apply(d.reshape(-1, d.shape[-1]), tt, rho)
+        return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
+
+
+class _FlowsFunction(torch.autograd.Function):
+    """Linear map d (M, C) -> flows (M, E); its adjoint is :func:`flow_gradient`. In the ``setup_context``
+    form with a ``vmap`` rule, so ``torch.func`` transforms work."""
+
+    @staticmethod
+    def forward(d: Tensor, tt: TreeTensors) -> Tensor:  # type: ignore[override]
+        return edge_flows(d, tt)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        d, tt = inputs
+        ctx.tt, ctx.dtype = tt, d.dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return flow_gradient(grad.to(ACC_DTYPE), ctx.tt).to(ctx.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, d: Tensor, tt: TreeTensors):  # type: ignore[override]
+        if in_dims[0] is None:
+            return _FlowsFunction.apply(d, tt), None
+        d = d.movedim(in_dims[0], 0)
+        b = d.shape[0]
+        f = _FlowsFunction.apply(d.reshape(-1, d.shape[-1]), tt)
+        return f.reshape(b, -1, f.shape[-1]), 0
+
+
+def differentiable_flows(d: Tensor, tree: Tree) -> Tensor:
+    """(M, C) mass differences -> (M, E) flows in ``d``'s dtype, differentiable (for :func:`emdloss.functional.flows`)."""
+    return _FlowsFunction.apply(d, TreeTensors.cached(tree, d.device)).to(d.dtype)
+
+
+class ReferenceBackend(Backend):
+    """The closed form in torch ops: any device, any autograd use, ``torch.compile`` and ``torch.func``."""
+
+    name = "torch"
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def cannot_run(self, batch: Batch) -> str | None:
+        return None
+
+    def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        x = batch.x
+        tt = TreeTensors.cached(tree, x.device)
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        p = torch.softmax(x.to(compute), dim=1) if batch.from_logits else x.to(compute)
+        if batch.soft is not None:
+            d = p - batch.soft.to(compute)
+        else:
+            labels = batch.labels if batch.keep is None else torch.where(batch.keep, batch.labels, 0)
+            d = p - torch.zeros_like(p).scatter(1, labels[:, None], 1.0)  # one_hot reads values: no vmap
+        loss = _ReferenceEMDFunction.apply(d, tt, rho)[0]
+        if batch.keep is not None:
+            loss = loss * batch.keep
+        return loss.to(x.dtype)
