@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import data_file, tiered_imagenet_tree
 from emdloss.functional import emd
 from emdloss.tree import Tree
+
+from ..data import data_file, tiered_imagenet_tree
 from . import runner
 from .training import add_experiment_arguments, mlp, num_seeds, small_model_cpu
 

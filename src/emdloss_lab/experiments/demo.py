@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from emdloss.tree import Tree
+
 from . import runner
 from .training import chain_metrics, loss_table, make_loss, mlp, small_model_cpu, standardize, train, tree_metrics
 

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import data
 from emdloss.tree import Tree
+
+from .. import data
 from . import runner
 from .training import (
     add_experiment_arguments,

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from emdloss.tree import Tree
+
 from . import runner
 from .training import LOSSES, make_loss
 

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import data_file
 from emdloss.tree import Tree
+
+from ..data import data_file
 from . import runner
 from .training import (
     add_experiment_arguments,

@@ -1,6 +1,6 @@
 """Sinkhorn against the exact tree EMD: bias, stability, gradients, iterations and cost.
 
-    emdloss experiment sinkhorn --out DIR [--quick] [--seed S] [--resume]
+    emdloss experiment sinkhorn --out DIR [--quick|--smoke] [--seed S] [--resume]
 
 On a chain, random trees and the ImageNet-1k WordNet tree (when the shared data is present), with
 predictions ``p = softmax(x)``, ``x ~ N(0, 2^2)``, and soft targets ``q = softmax(z)``, ``z ~ N(0, 2^2)``
@@ -32,24 +32,31 @@ import numpy as np
 import torch
 
 from emdloss import Tree
-from emdloss.functional import emd
-from emdloss.sinkhorn import sinkhorn, underflow_reg
+from emdloss.functional import emd, sinkhorn
+from emdloss.sinkhorn import underflow_reg
+
 from .. import synthetic
-from . import runner
+from . import runner, sinkhorn_report
 
 NAME = "sinkhorn"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiment's command-line options."""
     parser.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
     parser.add_argument("--quick", action="store_true", help="a short run (< 2 min on 2 cores)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def make_config(quick: bool, smoke: bool, seed: int) -> dict[str, Any]:
+    """Problem sizes, regs, iteration budgets and timing grid of a full, ``--quick`` or ``--smoke`` run."""
     if smoke:
         return {
             "seed": seed,
@@ -115,6 +122,8 @@ def make_config(quick: bool, smoke: bool, seed: int) -> dict[str, Any]:
 
 
 def problems(config: dict[str, Any]) -> tuple[dict[str, Tree], str | None]:
+    """The trees measured on (a chain, random trees, the ImageNet-1k tree if its data is present) by name,
+    and a note saying why ImageNet was skipped (else None)."""
     rng = np.random.default_rng(config["seed"])
     out = {f"chain-{config['chain']}": Tree.chain(config["chain"])}
     for n in config["tree_nodes"]:
@@ -153,10 +162,12 @@ def trace_points(max_iter: int, budgets: list[int]) -> list[int]:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise relative error of ``a`` against the reference ``b``."""
     return (a - b).abs() / b.abs().clamp_min(1e-300)
 
 
 def exact_grad(x: torch.Tensor, q: torch.Tensor, tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: exact tree EMD per row, (N,), and its closed-form gradient w.r.t. the logits, (N, C)."""
     xx = x.clone().requires_grad_()
     val = emd(xx, q, tree, reduction="none")
     val.sum().backward()
@@ -164,6 +175,8 @@ def exact_grad(x: torch.Tensor, q: torch.Tensor, tree: Tree) -> tuple[torch.Tens
 
 
 def grad_stats(g: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Agreement of a gradient ``g`` with the reference ``ref``: row cosine similarity (mean, min) and the
+    relative error of the whole (N, C) gradient (Frobenius norm)."""
     cos = torch.nn.functional.cosine_similarity(g, ref, dim=1)
     return {
         "cosine_mean": float(cos.mean()),
@@ -173,7 +186,11 @@ def grad_stats(g: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def value_and_iterations(name: str, tree: Tree, rel: float, config: dict[str, Any], big: bool) -> dict[str, Any]:
-    """Items 1, 3 (envelope at the full budget) and 4 from one run with tol=0 and a trace of values."""
+    """Items 1, 3 (envelope gradient at the full budget) and 4: the mean relative value error after each of
+    :func:`trace_points` iterations (tol=0), the first of them with error <= 1%, and the worst row at max_iter.
+
+    The trace comes from one run per segment between consecutive points, each warm-started from the
+    previous segment's ``g`` (which continues the iterations exactly); the last segment gives the gradient."""
     n = config["imagenet_batch"] if big else config["batch"]
     max_iter = config["imagenet_max_iter"] if big else config["max_iter"]
     cost = tree.distance_matrix()
@@ -181,11 +198,18 @@ def value_and_iterations(name: str, tree: Tree, rel: float, config: dict[str, An
     x, q = batch(config["seed"] + 1, n, tree.num_classes)
     exact, g_exact = exact_grad(x, q, tree)
     points = trace_points(max_iter, config["budgets"])
-    trace: dict[int, torch.Tensor] = {k: None for k in points}  # type: ignore[misc]
-    xx = x.clone().requires_grad_()
-    t0 = time.perf_counter()
-    val = sinkhorn(xx, q, cost, reg=reg, tol=0.0, max_iter=max_iter, reduction="none", _trace=trace)
-    seconds = time.perf_counter() - t0
+    # seconds: all segments together, i.e. max_iter iterations plus, per trace point, one call's set-up
+    # (checks, softmax) and value <T, M>; the backward pass is not timed
+    trace: dict[int, torch.Tensor] = {}
+    g, seconds, done = None, 0.0, 0
+    for k in points:  # one run for the segment (done, k], continuing the last: its value is that of k iterations
+        xx = x.clone().requires_grad_() if k == max_iter else x  # the envelope gradient needs only the last run
+        t0 = time.perf_counter()
+        val, info = sinkhorn(
+            xx, q, cost, reg=reg, tol=0.0, max_iter=k - done, reduction="none", return_info=True, warm_start=g
+        )
+        seconds += time.perf_counter() - t0
+        trace[k], g, done = val.detach(), info.g, k
     val.sum().backward()
     errs = {k: float(_rel(v, exact).mean()) for k, v in trace.items()}
     reached = next((k for k in points if errs[k] <= 0.01), None)
@@ -237,20 +261,11 @@ def plain_min_reg(name: str, tree: Tree, config: dict[str, Any], big: bool) -> d
     mmax = float(cost.max())
     x, q = batch(config["seed"] + 3, n, tree.num_classes)
     out: dict[str, Any] = {"problem": name, "max_cost": mmax, "iters": iters}
+    plain = {"log_domain": False, "on_underflow": "ignore", "tol": 1e-6, "max_iter": iters, "reduction": "none"}
     for dtype in (torch.float32, torch.float64):
         smallest = None
         for rel in sorted(config["plain_rel_regs"], reverse=True):
-            val = sinkhorn(
-                x.to(dtype),
-                q.to(dtype),
-                cost,
-                reg=rel * mmax,
-                log_domain=False,
-                on_underflow="ignore",
-                tol=1e-6,
-                max_iter=iters,
-                reduction="none",
-            )
+            val = sinkhorn(x.to(dtype), q.to(dtype), cost, reg=rel * mmax, **plain)
             if not bool(torch.isfinite(val).all()):
                 break
             smallest = rel
@@ -296,6 +311,8 @@ def timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`timing` on the current threads: a chain or random tree with ``c`` classes (a random tree may
+    get a few more), reg = 0.05 max(M), soft float32 targets."""
     import ot
 
     rng = np.random.default_rng(config["seed"] + c)
@@ -321,7 +338,7 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
         xx = x.clone().requires_grad_()
         emd(xx, q, tree).backward()
 
-    res = {
+    return {
         "kind": kind,
         "classes": c,
         "batch": x.shape[0],
@@ -345,222 +362,14 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
             reps,
         ),
     }
-    return res
-
-
-# ---------------------------------------------------------------------- report
-
-
-def _plots(results: dict[str, Any], out: Path) -> list[str]:
-    plt = runner.pyplot()
-    names = []
-    probs = sorted({r["problem"] for r in results["value_error"]}, key=list(results["problems"]).index)
-
-    fig, axes = plt.subplots(1, len(probs), figsize=(4.2 * len(probs), 3.4), squeeze=False)
-    for ax, prob in zip(axes[0], probs):
-        rows = [r for r in results["value_error"] if r["problem"] == prob]
-        for b in sorted({*results["config"]["budgets"], rows[0]["max_iter"]}):
-            pts = [(r["rel_reg"], r["trace"].get(str(b))) for r in rows]
-            pts = [(a, e) for a, e in pts if e is not None and e > 0]
-            if pts:
-                ax.loglog(*zip(*pts), marker="o", label=f"{b} iterations")
-        ax.set_title(prob, fontsize=9)
-        ax.set_xlabel("reg / max(M)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("mean relative error of <T, M> vs exact EMD")
-    axes[0][0].legend(fontsize=7)
-    runner.save_figure(fig, out / "sinkhorn_error_vs_reg.png")
-    names.append("sinkhorn_error_vs_reg.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for prob in probs:
-        rows = [r for r in results["iterations"] if r["problem"] == prob]
-        pts = [(r["rel_reg"], r["iters_to_1pct"]) for r in rows if r["iters_to_1pct"] is not None]
-        if pts:
-            ax.loglog(*zip(*pts), marker="o", label=prob)
-    ax.set_xlabel("reg / max(M)")
-    ax.set_ylabel("iterations to 1% mean value error")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    runner.save_figure(fig, out / "sinkhorn_iterations.png")
-    names.append("sinkhorn_iterations.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for prob in probs:
-        rows = [r for r in results["gradient"] if r["problem"] == prob]
-        for mode, style in (("envelope", "-"), ("autodiff", "--")):
-            pts = [(r["rel_reg"], r[mode]["cosine_mean"]) for r in rows if "cosine_mean" in r[mode]]
-            if pts:
-                ax.semilogx(*zip(*pts), style, marker="o", label=f"{prob} {mode}")
-    ax.set_xlabel("reg / max(M)")
-    ax.set_ylabel("cosine(Sinkhorn grad, exact grad)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    runner.save_figure(fig, out / "sinkhorn_gradient.png")
-    names.append("sinkhorn_gradient.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], ("chain", "tree")):
-        rows = [r for r in results["timing"] if r["kind"] == kind]
-        for key, label in TIMING_COLUMNS:
-            ax.loglog([r["classes"] for r in rows], [r[key] * 1e3 for r in rows], marker="o", label=label)
-        ax.set_title(
-            f"{kind}, batch {rows[0]['batch'] if rows else '?'}, {results['config']['timing_iters']} iterations",
-            fontsize=9,
-        )
-        ax.set_xlabel("classes C")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("ms per batch (forward, 1 thread)")
-    axes[0][0].legend(fontsize=7)
-    runner.save_figure(fig, out / "sinkhorn_time.png")
-    names.append("sinkhorn_time.png")
-    return names
-
-
-TIMING_COLUMNS = [
-    ("exact", "exact EMD (closed form)"),
-    ("exact_fwd_bwd", "exact EMD fwd+bwd"),
-    ("ours_log", "emdloss sinkhorn (log)"),
-    ("ours_plain", "emdloss sinkhorn (plain)"),
-    ("pot_solve_batch_log", "POT solve_batch (log, torch)"),
-    ("pot_sinkhorn2_loop", "POT sinkhorn2 loop (numpy)"),
-]
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def report(results: dict[str, Any], plots: list[str]) -> str:
-    cfg = results["config"]
-    lines = [runner.report_header("Sinkhorn vs exact tree EMD", cfg)]
-    if results.get("note"):
-        lines.append(f"Note: {results['note']}\n")
-    lines.append("Problems: " + ", ".join(f"{k} ({v} classes)" for k, v in results["problems"].items()) + ".\n")
-    lines.append("Predictions softmax(x), targets softmax(z), x, z ~ N(0, 4); reg = rel × max(M).\n")
-
-    lines.append("## 1. Relative error of <T, M> against the exact EMD (mean over the batch)\n")
-    budgets = [str(b) for b in cfg["budgets"]]
-    rows = [
-        [r["problem"], r["rel_reg"], r["reg"]]
-        + [_fmt(r["by_budget"].get(b)) for b in budgets]
-        + [f"{r['rel_error']:.3g} ({r['max_iter']} it)", r["rel_error_max"]]
-        for r in results["value_error"]
-    ]
-    lines.append(
-        runner.markdown_table(
-            ["problem", "reg/max(M)", "reg"] + [f"{b} it" for b in budgets] + ["at max_iter", "worst row at max_iter"],
-            rows,
-        )
-        + "\n"
-    )
-
-    lines.append("## 2. Plain (non-log) Sinkhorn: smallest finite reg\n")
-    rows = []
-    for r in results["plain_min_reg"]:
-        for dt in ("float32", "float64"):
-            d = r[dt]
-            rows.append(
-                [r["problem"], dt, r["max_cost"], _fmt(d["min_reg"]), _fmt(d["min_rel_reg"]), d["predicted_reg"]]
-            )
-    lines.append(
-        runner.markdown_table(
-            ["problem", "dtype", "max(M)", "smallest finite reg (scanned)", "as reg/max(M)", "max(M)/-log(tiny)"], rows
-        )
-        + "\n"
-    )
-    lines.append("The scan steps reg down by 10^(1/8) (10^(1/4) in --quick) and stops at the first non-finite value.\n")
-
-    lines.append("## 3. Gradient w.r.t. the logits against the exact closed-form gradient\n")
-    rows = []
-    for r in results["gradient"]:
-        for mode in ("envelope", "autodiff"):
-            d = r[mode]
-            if "skipped" in d:
-                rows.append([r["problem"], r["rel_reg"], mode, r["iters"], "—", "—", "—", d["skipped"]])
-            else:
-                rows.append(
-                    [
-                        r["problem"],
-                        r["rel_reg"],
-                        mode,
-                        r["iters"],
-                        d["cosine_mean"],
-                        d["cosine_min"],
-                        d["grad_rel_error"],
-                        f"{d['seconds']:.3g} s",
-                    ]
-                )
-    lines.append(
-        runner.markdown_table(
-            ["problem", "reg/max(M)", "grad", "max iter", "cosine (mean)", "cosine (min row)", "rel. error", "time"],
-            rows,
-        )
-        + "\n"
-    )
-
-    lines.append("## 4. Iterations to reach 1% mean relative value error\n")
-    rows = [
-        [
-            r["problem"],
-            r["rel_reg"],
-            _fmt(r["iters_to_1pct"]) if r["iters_to_1pct"] else f"> {r['max_iter']}",
-            r["rel_error"],
-        ]
-        for r in results["iterations"]
-    ]
-    lines.append(runner.markdown_table(["problem", "reg/max(M)", "iterations", "error at budget end"], rows) + "\n")
-
-    lines.append("## 5. Time per batch (forward, float32, one thread, ms; best of the repeats)\n")
-    rows = [
-        [r["kind"], r["classes"], r["batch"], r["iters"]]
-        + [r[k] * 1e3 for k, _ in TIMING_COLUMNS]
-        + [r["ours_log"] / r["exact"]]
-        for r in results["timing"]
-    ]
-    lines.append(
-        runner.markdown_table(
-            ["kind", "C", "batch", "iters"] + [lab for _, lab in TIMING_COLUMNS] + ["log Sinkhorn / exact"], rows
-        )
-        + "\n"
-    )
-    for p in plots:
-        lines.append(f"![{p}]({p})\n")
-    return "\n".join(lines)
-
-
-def summary(results: dict[str, Any]) -> str:
-    out = []
-    for prob in results["problems"]:
-        rows = [r for r in results["value_error"] if r["problem"] == prob]
-        if rows:
-            best = min(rows, key=lambda r: r["rel_error"])
-            out.append(
-                f"{prob}: best mean rel. error {best['rel_error']:.2e} at reg/max(M)={best['rel_reg']:g} "
-                f"({best['max_iter']} it)"
-            )
-    for r in results["plain_min_reg"]:
-        out.append(
-            f"{r['problem']}: plain Sinkhorn finite down to reg {_fmt(r['float32']['min_reg'])} (float32), "
-            f"{_fmt(r['float64']['min_reg'])} (float64)"
-        )
-    if results["timing"]:
-        r = max(results["timing"], key=lambda r: r["classes"])
-        out.append(
-            f"{r['kind']} C={r['classes']}: log Sinkhorn {r['ours_log'] * 1e3:.1f} ms vs exact "
-            f"{r['exact'] * 1e3:.2f} ms ({r['ours_log'] / r['exact']:.0f}x)"
-        )
-    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------- entry point
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure every (problem, reg) unit and timing point (checkpointed), then write ``results.json``, the
+    plots and ``report.md`` (:mod:`.sinkhorn_report`) and print a summary."""
     config = make_config(args.quick, args.smoke, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -603,9 +412,9 @@ def run(args: argparse.Namespace) -> int:
         ],
         "timing": [v for k, v in done.items() if k.startswith("time/")],
     }
-    plots = _plots(results, out)
+    plots = sinkhorn_report.plots(results, out)
     runner.write_json(out / "results.json", results)
-    runner.write_text(out / "report.md", report(results, plots))
-    print(summary(results))
+    runner.write_text(out / "report.md", sinkhorn_report.report(results, plots))
+    print(sinkhorn_report.summary(results))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(plots)} plots")
     return 0

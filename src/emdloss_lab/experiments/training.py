@@ -12,7 +12,6 @@ Losses by name (all on logits (N, C) and class indices (N,)):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from emdloss import metrics
 from emdloss.functional import emd
 from emdloss.tree import Tree
+
 from . import runner
 from .baselines import HXELoss, SoftLabelLoss
 
