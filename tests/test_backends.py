@@ -5,13 +5,16 @@ eight-row lane kernel and the one-row kernel; and they are the CPU default."""
 
 from __future__ import annotations
 
+import warnings
+
+import numba
 import numpy as np
 import pytest
 import torch
 from _helpers import random_simplex, random_tree
 
-from emdloss import EMDLoss, Tree
-from emdloss.backends import choose_backend
+from emdloss import EMDLoss, Tree, backends
+from emdloss._inputs import normalise
 from emdloss.functional import emd
 
 RHOS = [1.0, 1.5, 2.0, 3.0]
@@ -100,9 +103,9 @@ def assert_backends_agree(tree, target, rho, from_logits, dtype, seed=0, modulo_
 @pytest.fixture(params=["lanes", "one-row"])
 def kernel(request, monkeypatch):
     """Run the test through one of the two fused tree kernels (the choice is normally by batch size)."""
-    from emdloss.backends import numba_cpu
+    from emdloss.backends.numba_kernels import lane_kernels
 
-    monkeypatch.setattr(numba_cpu, "lanes_pay_off", lambda *args: request.param == "lanes")
+    monkeypatch.setattr(lane_kernels, "lanes_pay_off", lambda *args: request.param == "lanes")
     return request.param
 
 
@@ -132,9 +135,9 @@ def test_hard_rho1_probability_gradient_is_the_reference_one():
 @pytest.mark.parametrize("kind", ["chain", "random"])
 def test_fused_equals_reference_beyond_the_distance_matrix_size(kind, rho):
     """Hard rho=1 targets use a cached C x C distance matrix only up to a size; past it the row kernel runs."""
-    from emdloss.backends import numba_cpu
+    from emdloss.backends import numba_kernels
 
-    limit = getattr(numba_cpu, "DISTANCE_MATRIX_MAX_CLASSES", 4096)
+    limit = numba_kernels.DISTANCE_MATRIX_MAX_CLASSES
     if kind == "chain":
         tree = Tree.chain(limit + 100)
     else:
@@ -165,17 +168,119 @@ def test_imagenet_tree_agrees(kernel):
             assert_backends_agree(tree, target, rho, True, torch.float32, seed=3)
 
 
+def chosen(x: torch.Tensor, target: torch.Tensor, backend: str = "auto") -> str:
+    """The name of the backend the registry picks for this call."""
+    batch = normalise(x, target, x.shape[1], from_logits=True, ignore_index=-100, validate=None, reduction="mean")
+    return backends.select(backend, batch).name
+
+
 def test_fused_is_the_cpu_default_and_falls_back_when_it_must(monkeypatch):
     x = torch.zeros(2, 5)
     soft = torch.full((2, 5), 0.2)
-    assert choose_backend(x, None) == "numba"
-    assert choose_backend(x, soft) == "numba"
-    assert choose_backend(x, soft.clone().requires_grad_()) == "torch"  # a target that needs a gradient
-    assert choose_backend(x, None, "torch") == "torch"
+    labels = torch.tensor([0, 4])
+    assert backends.names() == ("numba", "torch")
+    assert chosen(x, labels) == "numba"
+    assert chosen(x, soft) == "numba"
+    assert chosen(x, soft.clone().requires_grad_()) == "torch"  # a target that needs a gradient
+    assert chosen(x, labels, "torch") == "torch"
+    with pytest.raises(ValueError, match="backend='numba' cannot run this call: it does not differentiate"):
+        chosen(x, soft.clone().requires_grad_(), "numba")
     monkeypatch.setenv("EMDLOSS_BACKEND", "torch")
-    assert choose_backend(x, None) == "torch"
-    with pytest.raises(ValueError, match="backend must be one of"):
-        choose_backend(x, None, "cuda")
+    assert chosen(x, labels) == "torch"
+    assert chosen(x, labels, "numba") == "numba"  # an explicit choice wins over the environment
+
+
+def test_unknown_backend_names_are_errors_that_list_the_registered_ones(monkeypatch):
+    x, labels = torch.zeros(2, 5), torch.tensor([0, 4])
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \('numba', 'torch'\), got 'cuda'"):
+        emd(x, labels, Tree.chain(5), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        EMDLoss(Tree.chain(5), backend="numpy")
+    monkeypatch.setenv("EMDLOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"environment variable EMDLOSS_BACKEND must be 'auto' or one of .*got 'fast'"):
+        emd(x, labels, Tree.chain(5))
+
+
+def _reference_result(tree, x, target, rho):
+    xr = x.detach().clone().requires_grad_()
+    loss = emd(xr, target, tree, rho=rho, backend="torch")
+    loss.backward()
+    return loss.detach(), xr.grad
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_lane_kernels_that_fail_to_compile_fall_back_to_the_one_row_kernel(monkeypatch, soft):
+    """Any exception from the lane kernels (numba's extension API changing, say) warns once, and the one-row
+    kernel computes the same batch; later calls go straight to it."""
+    from emdloss.backends import numba_kernels
+    from emdloss.backends.numba_kernels import lane_kernels
+
+    def broken(*args):
+        raise numba.core.errors.TypingError("simulated: the lane type no longer compiles")
+
+    monkeypatch.setattr(numba_kernels, "_lanes_state", {})
+    monkeypatch.setattr(lane_kernels, "_lanes_kernel", broken)
+    tree = Tree.chain(12) if soft else random_tree(np.random.default_rng(0), 30, internal_classes=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, tree.num_classes, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.softmax(torch.randn(64, tree.num_classes, generator=gen, dtype=torch.float64), 1) if soft else \
+        torch.randint(0, tree.num_classes, (64,), generator=gen)  # fmt: skip
+    with pytest.warns(backends.BackendWarning, match="8-row SIMD kernels are unavailable.*TypingError"):
+        loss = emd(x, target, tree, rho=2.0, backend="numba")
+    loss.backward()
+    ref_loss, ref_grad = _reference_result(tree, x, target, 2.0)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert numba_kernels.load_lane_kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        emd(x, target, tree, rho=2.0, backend="numba")
+
+
+def test_fused_backend_that_fails_falls_back_to_the_reference(monkeypatch):
+    """If the one-row kernels fail too, "auto" warns once and the reference backend computes the call; an
+    explicit backend="numba" is then an error saying why."""
+    from emdloss.backends import numba_kernels
+
+    def broken(*args):
+        raise numba.core.errors.LoweringError("simulated: no code for this CPU")
+
+    fused = backends.get("numba")
+    monkeypatch.setattr(fused, "_broken", None)
+    monkeypatch.setattr(numba_kernels, "_lanes_state", {"module": None})
+    monkeypatch.setattr(numba_kernels.one_row, "_rows_kernel", broken)
+    tree = random_tree(np.random.default_rng(1), 25)
+    x = torch.randn(16, tree.num_classes, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, tree.num_classes, (16,))
+    with pytest.warns(backends.BackendWarning, match="fused CPU backend is unavailable.*LoweringError"):
+        loss = emd(x, target, tree, rho=2.0)
+    loss.backward()
+    ref_loss, ref_grad = _reference_result(tree, x, target, 2.0)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+    assert chosen(x, target) == "torch"
+    with pytest.raises(ValueError, match="backend='numba' cannot run this call: its kernels fail to compile"):
+        emd(x, target, tree, backend="numba")
+
+
+def test_numba_that_cannot_be_imported_leaves_the_reference_working(monkeypatch):
+    """A broken numba install (any exception on import, not only ImportError) warns and uses the reference."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        fromlist = args[2] if len(args) > 2 else kwargs.get("fromlist")
+        if "numba_kernels" in name or "numba_kernels" in (fromlist or ()):
+            raise AttributeError("simulated: module 'numba.core' has no attribute 'cgutils'")
+        return real_import(name, *args, **kwargs)
+
+    fused = backends.get("numba")
+    monkeypatch.setattr(fused, "_broken", None)
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    with pytest.warns(backends.BackendWarning, match="numba cannot be imported.*AttributeError"):
+        assert chosen(torch.zeros(2, 5), torch.tensor([0, 1])) == "torch"
 
 
 def test_target_gradient_through_the_fallback_matches_autograd():
@@ -265,7 +370,7 @@ def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
 def test_lane_kernel_choice():
     """The lane kernel runs from LANES rows up while its scratch is cache-sized or at most the input; fewer
     rows, or small batches of huge trees, go one row at a time."""
-    from emdloss.backends.numba_cpu import LANES, lanes_pay_off
+    from emdloss.backends.numba_kernels.lane_kernels import LANES, lanes_pay_off
 
     assert not lanes_pay_off(LANES - 1, 1000, 372, 4)  # the lanes would repeat the last row
     assert lanes_pay_off(LANES, 1000, 372, 4) and lanes_pay_off(64, 1000, 372, 4)  # ImageNet-sized, any batch
@@ -280,7 +385,7 @@ def test_lane_transposes_and_arithmetic(dtype):
     LLVM may contract a multiply-add)."""
     from numba import njit
 
-    from emdloss.backends.lanes import (
+    from emdloss.backends.numba_kernels.lanes import (
         LANES,
         lanes_abs,
         lanes_clamp_unit,
@@ -338,7 +443,7 @@ def test_vectorised_exp_is_accurate_and_handles_the_extremes():
     exactly 0 where float32 exp underflows and at -inf, NaN for NaN."""
     from numba import njit
 
-    from emdloss.backends.simd import exp_f32
+    from emdloss.backends.numba_kernels.simd import exp_f32
 
     @njit
     def apply(xs):  # pragma: no cover - compiled
@@ -360,7 +465,7 @@ def test_row_maximum_through_the_integers(dtype):
     and a (positive) NaN wins."""
     from numba import njit
 
-    from emdloss.backends.simd import row_max
+    from emdloss.backends.numba_kernels.simd import row_max
 
     @njit
     def apply(row):  # pragma: no cover - compiled
@@ -388,13 +493,13 @@ def test_lane_kernels_on_the_baseline_x86_target(tmp_path):
     script = """
 import numba, numpy as np, torch
 from emdloss import Tree
-from emdloss.backends import numba_cpu
+from emdloss.backends.numba_kernels.lane_kernels import lanes_pay_off
 from emdloss.functional import emd
 assert numba.config.CPU_NAME == "generic"
 rng = np.random.default_rng(0)
 n = 512
 for tree in (Tree.chain(29), Tree.from_parents(np.r_[-1, rng.integers(0, np.arange(1, 60))])):
-    assert numba_cpu.lanes_pay_off(n, tree.num_classes, tree.num_nodes, 4)  # the lane kernel runs
+    assert lanes_pay_off(n, tree.num_classes, tree.num_nodes, 4)  # the lane kernel runs
     for soft in (False, True):
         x = torch.randn(n, tree.num_classes, dtype=torch.float32, requires_grad=True)
         t = torch.softmax(torch.randn(n, tree.num_classes), 1) if soft else torch.randint(0, tree.num_classes, (n,))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _helpers import random_simplex, random_tree, t64
 
 from emdloss import EMDLoss, Tree

@@ -60,8 +60,7 @@ def test_tidy_layout_is_tidy():
 
 def test_large_tree_is_cut_to_the_flows(tmp_path):
     shared_data_or_skip()
-    from emdloss_lab.data import imagenet_tree
-    from emdloss_lab.data import imagenet_words
+    from emdloss_lab.data import imagenet_tree, imagenet_words
 
     tree = imagenet_tree()
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))

@@ -8,10 +8,9 @@ from collections import deque
 
 import numpy as np
 import pytest
+from _helpers import is_ancestor, random_tree
 
 from emdloss import Tree, TreeError
-
-from _helpers import is_ancestor, random_tree
 
 
 def bfs_distances(tree: Tree) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Functional losses: tensors in, tensors out. Input checking lives in :mod:`emdloss._checks`, once.
+"""Functional losses: tensors in, tensors out.
+
+A call travels: :func:`emd` -> input normalisation (:mod:`emdloss._inputs`) -> the backend registry
+(:mod:`emdloss.backends`) -> one backend's per-row losses -> the reduction (:mod:`emdloss._reduction`).
 
 Shapes follow ``torch.nn.functional.cross_entropy``: ``input`` is (N, C) or (N, C, d1, ..., dk) and
 ``target`` holds class indices (N) / (N, d1, ..., dk) or a distribution of ``input``'s shape.
@@ -6,11 +9,11 @@ Shapes follow ``torch.nn.functional.cross_entropy``: ``input`` is (N, C) or (N, 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import _checks
-from .backends import choose_backend, fused_tree_emd, torch_ops
+from . import _inputs, backends
+from ._reduction import reduce_rows
+from .backends.reference import differentiable_flows
 from .sinkhorn import sinkhorn
 from .tree import Tree
 
@@ -49,35 +52,21 @@ def emd(
         ignore_index: class index whose samples contribute nothing (hard targets only).
         validate: read values to check them (class range, finite logits, distributions). Default None:
             on for CPU tensors, off elsewhere (the checks would synchronise the device).
-        backend: "auto" (fused numba kernel on the CPU, torch ops elsewhere), "torch" or "numba".
+        backend: "auto" (``$EMDLOSS_BACKEND`` if set, else the fused numba kernels on the CPU and torch ops
+            elsewhere), or a registered name: "numba", "torch" (see :mod:`emdloss.backends`).
 
     Returns:
         A scalar, or (N, d1, ..., dk) with ``reduction="none"``, in ``input``'s dtype.
     """
     if not isinstance(tree, Tree):
         raise TypeError(f"tree must be an emdloss.Tree, got {type(tree).__name__}")
-    rho = _checks.check_rho(rho)
-    _checks.check_reduction(reduction)
-    fused = (
-        isinstance(input, Tensor)
-        and isinstance(target, Tensor)
-        and choose_backend(input, target if target.dtype.is_floating_point else None, backend) == "numba"
-    )
-    rows = _checks.to_rows(
-        input,
-        target,
-        tree.num_classes,
-        from_logits=from_logits,
-        ignore_index=ignore_index,
-        validate=validate,
-        defer_logits_check=True,
-        checked_by_kernel=fused,
-    )
-    if fused:
-        return fused_tree_emd(rows, tree, rho, from_logits, ignore_index, reduction)
-    loss = torch_ops.tree_emd_rows(rows.x, rows.hard, rows.soft, tree, rho, from_logits)
-    _checks.check_finite_loss(loss, rows)
-    return _checks.reduce(loss, rows.keep, reduction, rows.out_shape)
+    rho = _inputs.check_rho(rho)
+    backends.check_name(backend)
+    batch = _inputs.normalise(
+        input, target, tree.num_classes, from_logits=from_logits, ignore_index=ignore_index, validate=validate,
+        reduction=reduction,
+    )  # fmt: skip
+    return reduce_rows(backends.row_losses(backend, batch, tree, rho), batch)
 
 
 def flows(p: Tensor, q: Tensor, tree: Tree) -> Tensor:
@@ -103,37 +92,5 @@ def flows(p: Tensor, q: Tensor, tree: Tree) -> Tensor:
     if not p.dtype.is_floating_point or not q.dtype.is_floating_point:
         raise TypeError(f"p and q must be floating tensors, got {p.dtype} and {q.dtype}")
     squeeze = p.dim() == 1
-    d = (p - q).reshape(-1, tree.num_classes)
-    tt = torch_ops.TreeTensors.cached(tree, d.device)
-    f = _FlowsFunction.apply(d, tt)
-    f = f.to(p.dtype)
+    f = differentiable_flows((p - q).reshape(-1, tree.num_classes), tree).to(p.dtype)
     return f[0] if squeeze else f
-
-
-class _FlowsFunction(torch.autograd.Function):
-    """Linear map d (N, C) -> flows (N, E); its adjoint is :func:`torch_ops.flow_gradient`.
-
-    Written in the ``setup_context`` form with a ``vmap`` rule, so ``torch.func`` transforms work.
-    """
-
-    @staticmethod
-    def forward(d: Tensor, tt: torch_ops.TreeTensors) -> Tensor:  # type: ignore[override]
-        return torch_ops.edge_flows(d, tt)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        d, tt = inputs
-        ctx.tt, ctx.dtype = tt, d.dtype
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return torch_ops.flow_gradient(grad.to(torch_ops.ACC_DTYPE), ctx.tt).to(ctx.dtype), None
-
-    @staticmethod
-    def vmap(info, in_dims, d: Tensor, tt: torch_ops.TreeTensors):  # type: ignore[override]
-        if in_dims[0] is None:
-            return _FlowsFunction.apply(d, tt), None
-        d = d.movedim(in_dims[0], 0)
-        b = d.shape[0]
-        f = _FlowsFunction.apply(d.reshape(-1, d.shape[-1]), tt)
-        return f.reshape(b, -1, f.shape[-1]), 0

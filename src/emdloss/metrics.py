@@ -17,7 +17,7 @@ All functions take tensors and return Python floats (or a tensor for :func:`emd_
 initialised, sums its state across processes in :meth:`HierarchicalMetrics.compute`, so the result equals
 the single-process value on the global data.
 
-Distance and LCA matrices are cached on the tree (``tree._derived``), per device and dtype.
+Distance and LCA matrices are cached on the tree (:meth:`~emdloss.Tree.cached`), per device.
 """
 
 from __future__ import annotations
@@ -48,24 +48,20 @@ __all__ = [
 
 def _distance_tensor(tree: Tree, device: torch.device) -> Tensor:
     """(C, C) float64 tree distances between classes on ``device`` (cached on the tree)."""
-    key = ("metrics.dist", str(device))
-    found = tree._derived.get(key)
-    if found is None:
-        found = torch.from_numpy(np.array(tree.distance_matrix(), dtype=np.float64)).to(device)
-        tree._derived[key] = found
-    return found
+    return tree.cached(
+        ("metrics.dist", str(device)), lambda: torch.from_numpy(np.array(tree.distance_matrix(), dtype=np.float64)).to(device)
+    )
 
 
 def _lca_height_tensor(tree: Tree, device: torch.device) -> Tensor:
     """(C, C) float64 height (in hops) of the LCA of two classes: ``max class depth - depth(LCA)``."""
-    key = ("metrics.lca_height", str(device))
-    found = tree._derived.get(key)
-    if found is None:
+
+    def build() -> Tensor:
         lca = tree.lca_depth(hops=True)
         top = float(np.max(np.diag(lca)))  # diag = hop depth of each class
-        found = torch.from_numpy(np.ascontiguousarray(top - lca)).to(device)
-        tree._derived[key] = found
-    return found
+        return torch.from_numpy(np.ascontiguousarray(top - lca)).to(device)
+
+    return tree.cached(("metrics.lca_height", str(device)), build)
 
 
 # ---------------------------------------------------------------------- argument checks

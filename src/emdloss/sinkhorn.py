@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _inputs
+from ._reduction import reduce_rows
 
 __all__ = ["SinkhornInfo", "SinkhornUnderflowError", "check_cost", "sinkhorn", "underflow_reg"]
 
@@ -294,15 +295,16 @@ def sinkhorn(
         The loss (scalar, or (N, d1, ..., dk) with ``reduction="none"``), and the info if asked.
     """
     reg, max_iter, tol = _check_options(reg, max_iter, tol, grad, on_underflow)
-    _checks.check_reduction(reduction)
+    _inputs.check_reduction(reduction)
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
         raise ValueError(f"input must have shape (N, C) or (N, C, d1, ..., dk), got shape {tuple(input.shape)}")
-    m64 = check_cost(cost, input.shape[1], values=_checks.should_validate(validate, input))
-    rows = _checks.to_rows(
-        input, target, m64.shape[0], from_logits=from_logits, ignore_index=ignore_index, validate=validate
-    )
+    m64 = check_cost(cost, input.shape[1], values=_inputs.should_validate(validate, input))
+    rows = _inputs.normalise(
+        input, target, m64.shape[0], from_logits=from_logits, ignore_index=ignore_index, validate=validate,
+        reduction=reduction,
+    )  # fmt: skip
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     device = input.device
     mat = m64.to(device=device, dtype=acc)
@@ -313,8 +315,9 @@ def sinkhorn(
     else:
         a = x
         la = _safe_log(a)
-    if rows.hard is not None:
-        b = torch.nn.functional.one_hot(rows.hard, m64.shape[0]).to(acc)
+    if rows.labels is not None:
+        labels = rows.labels if rows.keep is None else torch.where(rows.keep, rows.labels, 0)
+        b = torch.nn.functional.one_hot(labels, m64.shape[0]).to(acc)
     else:
         b = rows.soft.to(acc)
     lb = _safe_log(b)
@@ -341,7 +344,9 @@ def sinkhorn(
     if not autodiff:
         # envelope: forward value <T, M>; gradient f w.r.t. a and g w.r.t. b (the terms below are exactly 0)
         value = value.detach() + (f * (a - a.detach())).sum(-1) + (g * (b - b.detach())).sum(-1)
-    loss = _checks.reduce(value.to(input.dtype), rows.keep, reduction, rows.out_shape)
+    if rows.keep is not None:
+        value = value * rows.keep
+    loss = reduce_rows(value.to(input.dtype), rows)
     if not return_info:
         return loss
     info = SinkhornInfo(

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,9 @@ __all__ = ["Tree", "TreeError"]
 _FORMAT = "emdloss.Tree"
 _VERSION = 1
 _DICT_KEYS = {"format", "version", "parents", "weights", "names", "classes"}
+
+T = TypeVar("T")
+_MISSING = object()
 
 
 class TreeError(ValueError):
@@ -82,9 +85,7 @@ class Tree:
         "subtree_end",
         "edge_nodes",
         "_depth",
-        "_hops",
         "_is_chain",
-        "_dist_cache",
         "_hash",
         "_derived",
     )
@@ -207,16 +208,13 @@ class Tree:
         object.__setattr__(self, "edge_nodes", edge_nodes)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "root", root)
-        object.__setattr__(self, "_hops", None)
         object.__setattr__(
             self,
             "_is_chain",
             bool(classes_arr.size == n and np.array_equal(classes_arr, preorder) and np.all(subtree_end == n)),
         )
-        object.__setattr__(self, "_dist_cache", None)
         object.__setattr__(self, "_hash", None)
-        # Backends cache their own index arrays here (e.g. tensors per device); never part of equality.
-        object.__setattr__(self, "_derived", {})
+        object.__setattr__(self, "_derived", {})  # see cached(); never part of equality
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Tree is immutable; cannot set {name!r}")
@@ -340,12 +338,14 @@ class Tree:
         """(num_nodes,) float64 distance of each node from the root: weighted, or in edges if ``hops``."""
         if not hops:
             return self._depth
-        if self._hops is None:
+
+        def build() -> np.ndarray:
             h = np.zeros(self.num_nodes, dtype=np.float64)
             _fill_depth(h, self.preorder, self.parents[self.preorder[1:]], np.ones(self.num_nodes - 1))
             h.setflags(write=False)
-            object.__setattr__(self, "_hops", h)
-        return self._hops
+            return h
+
+        return self.cached("hops", build)
 
     def distance_matrix(self) -> np.ndarray:
         """(num_classes, num_classes) float64 tree metric: the length of the path between two classes.
@@ -353,11 +353,22 @@ class Tree:
         Computed as ``depth[a] + depth[b] - 2 * depth[lca(a, b)]``, where the shared depth is the
         weight of the edges above both classes. Cost O(C^2 * depth) time, O(C^2) memory; cached.
         """
-        if self._dist_cache is None:
+
+        def build() -> np.ndarray:
             d = _class_distances(self)
             d.setflags(write=False)
-            object.__setattr__(self, "_dist_cache", d)
-        return self._dist_cache
+            return d
+
+        return self.cached("distance_matrix", build)
+
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, computed once per ``key`` and kept with this tree (which is immutable, so the value
+        stays valid): how backends and metrics keep their index arrays and per-device tensors. Not part of
+        equality, hashing or serialisation."""
+        found = self._derived.get(key, _MISSING)
+        if found is _MISSING:
+            found = self._derived[key] = build()
+        return found
 
     def lca_depth(self, hops: bool = True) -> np.ndarray:
         """(C, C) depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted)."""

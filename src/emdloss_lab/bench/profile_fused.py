@@ -1,12 +1,12 @@
 """Where the fused CPU path spends its time: each stage of one batch, timed separately.
 
-    python benchmarks/profile_fused.py [--rho 1] [--batch 256] [--soft] [--chain] [--kernel auto|lanes|one-row]
+    python -m emdloss_lab.bench.profile_fused [--rho 1] [--batch 256] [--soft] [--chain] [--kernel auto|lanes|one-row]
 
 Prints the 20th-percentile time of: F.cross_entropy forward+backward (the yardstick), torch's softmax (for
 scale), the fused numba kernel alone (softmax, loss and gradient), the input checks, and EMDLoss forward and
-forward+backward. The tree is ImageNet's (needs the shared data, ``emdloss.data.imagenet_tree``), or a chain
+forward+backward. The tree is ImageNet's (needs the shared data, ``emdloss_lab.data.imagenet_tree``), or a chain
 of 1,000 classes with ``--chain``. ``--kernel`` forces the eight-row lane kernel or the one-row kernel (default:
-the choice ``numba_cpu.lanes_pay_off`` makes for the batch). See docs/speed.md.
+the choice ``lanes_pay_off`` makes for the batch). See docs/speed.md.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emdloss import EMDLoss, Tree, _checks
+from emdloss import EMDLoss, Tree
+from emdloss._inputs import normalise
 from emdloss.backends import numba_kernels
+from emdloss.backends.numba_kernels import lane_kernels
 from emdloss_lab.data import imagenet_tree
 
 
@@ -44,9 +46,7 @@ def main() -> None:
     parser.add_argument("--kernel", choices=["auto", "lanes", "one-row"], default="auto", help="force a tree kernel")
     args = parser.parse_args()
     if args.kernel != "auto":
-        from emdloss.backends import numba_cpu
-
-        numba_cpu.lanes_pay_off = lambda *_: args.kernel == "lanes"
+        lane_kernels.lanes_pay_off = lambda *_: args.kernel == "lanes"
     tree = Tree.chain(1000) if args.chain else imagenet_tree()
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(args.batch, tree.num_classes, generator=gen) * 2).requires_grad_()
@@ -54,7 +54,6 @@ def main() -> None:
     q = torch.softmax(torch.randn(args.batch, tree.num_classes, generator=gen), 1)
     target = q if args.soft else y
     loss_fn = EMDLoss(tree, rho=args.rho)
-    kernels = numba_kernels()
 
     def ce() -> None:
         x.grad = None
@@ -67,12 +66,11 @@ def main() -> None:
     stages = {
         "F.cross_entropy fwd+bwd": ce,
         "softmax": lambda: torch.softmax(x.detach(), 1),
-        "fused kernel (softmax, loss, gradient)": lambda: kernels.tree_rows(
+        "fused kernel (softmax, loss, gradient)": lambda: numba_kernels.tree_rows(
             x.detach().numpy(), None if args.soft else y.numpy(), q.numpy() if args.soft else None, tree, args.rho, True, True
         ),
-        "input checks (to_rows)": lambda: _checks.to_rows(
-            x, target, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, defer_logits_check=True,
-            checked_by_kernel=True,
+        "input normalisation": lambda: normalise(
+            x, target, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, reduction="mean"
         ),
         "EMDLoss forward": lambda: loss_fn(x, target),
         "EMDLoss fwd+bwd": fwd_bwd,

@@ -23,6 +23,7 @@ from numba import njit, prange
 from .row_ops import BAD_LABEL, IGNORED, _cost, _dcost, _finish_gradient, _label, _probabilities, _skip_row
 from .simd import FASTMATH
 
+
 @njit(inline="always")
 def _chain_row(p, q, qi, label, spacing, rho, g):  # pragma: no cover
     """Loss of one row; g (C,) <- dL/dp. Flows are suffix sums S_k = sum_{j >= k} d_j (k = 1..C-1, across the

@@ -1,0 +1,51 @@
+"""The contract every backend fulfils: per-row tree-EMD losses of a normalised :class:`~emdloss._inputs.Batch`.
+
+A backend computes, for each row m of ``batch.x`` with ``p = softmax(x_m)`` (or ``x_m``) and target ``q``::
+
+    loss_m = sum_e w_e |p(below e) - q(below e)|^rho          (0 for rows whose target is ignore_index)
+
+as a differentiable (M,) tensor in ``batch.x``'s dtype. Its autograd Function returns, in backward, the
+gradient already scaled by the incoming (M,) gradient; ignored rows get gradient 0. Everything else (input
+checks, ``ignore_index`` bookkeeping, the reduction, the finite-loss check) happens once, outside, for every
+backend alike: see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from torch import Tensor
+
+from .._inputs import Batch
+from ..tree import Tree
+
+
+class BackendWarning(RuntimeWarning):
+    """A backend, or a part of one, cannot run on this machine and something slower but equal takes its place
+    (filter it with ``warnings.filterwarnings("ignore", category=emdloss.backends.BackendWarning)``)."""
+
+
+class BackendUnusable(RuntimeError):
+    """Raised by a backend that finds, while running, that it cannot work on this machine (a kernel failed to
+    compile, say). It has warned and marked itself unavailable; with ``backend="auto"`` the registry then
+    runs the call on the next backend."""
+
+
+class Backend(abc.ABC):
+    """One way to compute the loss. Subclass it in one module and add an instance to the registry
+    (:mod:`emdloss.backends`)."""
+
+    #: The name users pass as ``backend=...`` and ``EMDLOSS_BACKEND``.
+    name: str
+
+    @abc.abstractmethod
+    def unavailable(self) -> str | None:
+        """None if the backend can run on this machine (its imports work), else why not, naming the fix."""
+
+    @abc.abstractmethod
+    def cannot_run(self, batch: Batch) -> str | None:
+        """None if the backend can compute this batch (device, dtype, autograd and tracing needs), else why."""
+
+    @abc.abstractmethod
+    def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        """(M,) per-row losses in ``batch.x``'s dtype, differentiable as the module docstring says."""

@@ -1,0 +1,108 @@
+"""Fused CPU backend ("numba"): each row's softmax, flows, loss and gradient in one kernel call.
+
+The kernels live in :mod:`.numba_kernels` and are imported on first use (numba takes a second to import).
+The gradient is computed in the forward pass, while each row is in cache, pre-scaled by the gradient the
+reduction will send back (:attr:`~emdloss._inputs.Batch.row_weight`); backward then returns it as it is for a
+plain ``loss.backward()`` and rescales it otherwise.
+
+Runs CPU tensors outside ``torch.compile`` and ``torch.func`` tracing, when the target needs no gradient.
+If numba or its kernels fail on this machine, it warns once and the registry uses the reference backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .._inputs import Batch, tracing
+from ..tree import Tree
+from .base import Backend, BackendUnusable, BackendWarning
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _FusedEMDFunction(torch.autograd.Function):
+    """Rows ``x`` (M, C) -> per-row losses (M,) in ``x``'s dtype; the gradient comes from the forward kernel."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, batch: Batch, tree: Tree, rho: float, kernels: ModuleType) -> Tensor:  # type: ignore[override]
+        compute = _compute_dtype(x.dtype)
+        xc = (x.detach() if x.dtype == compute else x.detach().to(compute)).contiguous().numpy()
+        labels = batch.labels.numpy() if batch.labels is not None else None
+        soft = batch.soft.detach().to(compute).contiguous().numpy() if batch.soft is not None else None
+        ctx.row_weight = batch.row_weight
+        need_grad = bool(ctx.needs_input_grad[0])
+        kernels.follow_torch_threads()
+        loss, grad = kernels.tree_rows(
+            xc, labels, soft, tree, rho, batch.from_logits, need_grad, batch.ignore_index, ctx.row_weight
+        )
+        ctx.x_dtype = x.dtype
+        if need_grad:
+            ctx.save_for_backward(torch.from_numpy(grad))
+        return torch.from_numpy(loss).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        if grad_out.numel() and grad_out.stride(0) == 0:  # one value for every row: "mean" and "sum" send this
+            factor = float(grad_out[0]) / ctx.row_weight
+            gx = grad if factor == 1.0 else grad * factor  # (autograd never writes into what backward returns)
+        else:
+            gx = grad * (grad_out.to(grad.dtype) / ctx.row_weight)[:, None]
+        return gx.to(ctx.x_dtype), None, None, None, None
+
+
+class FusedCPUBackend(Backend):
+    """The fused numba kernels on CPU tensors (see the module docstring)."""
+
+    name = "numba"
+
+    def __init__(self) -> None:
+        self._kernels: ModuleType | None = None
+        self._broken: str | None = None
+
+    def kernels(self) -> ModuleType | None:
+        """:mod:`.numba_kernels`, imported on first use; None (after one warning) if it cannot be."""
+        if self._kernels is None and self._broken is None:
+            try:
+                from . import numba_kernels
+            except Exception as exc:  # a broken numba install must leave the reference path working
+                self._give_up(f"numba cannot be imported ({type(exc).__name__}: {exc})")
+            else:
+                self._kernels = numba_kernels
+        return self._kernels
+
+    def _give_up(self, reason: str) -> None:
+        self._broken = reason
+        warnings.warn(f"emdloss: the fused CPU backend is unavailable: {reason}; using backend='torch'",
+                      BackendWarning, stacklevel=4)  # fmt: skip
+
+    def unavailable(self) -> str | None:
+        self.kernels()
+        return self._broken
+
+    def cannot_run(self, batch: Batch) -> str | None:
+        if batch.x.device.type != "cpu":
+            return f"it runs CPU tensors only (input is on {batch.x.device})"
+        if batch.soft is not None and batch.soft.requires_grad:
+            return "it does not differentiate with respect to the target (the target requires grad)"
+        if tracing():
+            return "torch.compile and torch.func cannot trace through numba"
+        if batch.row_weight is None:  # pragma: no cover - the count is an int on the CPU outside tracing
+            return "the number of counted rows is unknown"
+        return None
+
+    def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        kernels = self.kernels()
+        if kernels is None:
+            raise BackendUnusable(self._broken)
+        try:
+            return _FusedEMDFunction.apply(batch.x, batch, tree, rho, kernels)
+        except kernels.KernelFailure as exc:
+            self._give_up(f"its kernels fail to compile here ({exc})")
+            raise BackendUnusable(self._broken) from exc

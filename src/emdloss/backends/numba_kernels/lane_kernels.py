@@ -1,0 +1,296 @@
+"""Kernels that sweep LANES = 8 rows at a time, every per-node value one SIMD vector of lanes (:mod:`.lanes`):
+one instruction per node and operation for eight rows, whose dependent adds overlap. The default for
+batches of 8 rows and more (:func:`lanes_pay_off`). The sweeps are those of :mod:`.one_row`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .lanes import (
+    lanes_abs,
+    lanes_clamp_unit,
+    lanes_columns,
+    lanes_fill,
+    lanes_load,
+    lanes_map,
+    lanes_one_hot,
+    lanes_store,
+    lanes_store_columns,
+    lanes_to_tuple,
+)
+from .row_ops import (
+    BAD_LABEL,
+    IGNORED,
+    NO_LABEL,
+    _cost,
+    _cost_pow,
+    _dcost,
+    _dcost_pow,
+    _finish_gradient,
+    _label,
+    _probabilities,
+    _skip_row,
+)
+from .simd import FASTMATH
+from .tree_arrays import LANES, padded_width
+
+# The lane code below is unrolled by hand for eight lanes (tuples of 8, _row_offsets, the 8 x 8 transposes of
+# .lanes): LANES cannot change without rewriting it.
+assert LANES == 8
+
+# ---------------------------------------------------------------------- LANES rows at a time
+# The same sweeps over blocks of LANES rows, every per-node value one ``lanes`` vector (see .lanes). Classes
+# go through in column blocks of LANES: an in-register transpose turns LANES rows x LANES classes of
+# probabilities into LANES lanes values, and back for the gradient. The per-thread scratch rows (p, g) and
+# the class arrays (slot, leaf_w, chain spacing) are padded to a multiple of LANES classes: padding classes
+# have probability 0 and sit at the root on an edge of length 0, so they add nothing.
+
+# Lane cost pairs: the scalar pairs above, one vector instruction per operation where there is one.
+
+
+@njit(inline="always")
+def _lanes_cost_rho1(f, w, rho):  # pragma: no cover
+    return w * lanes_abs(f)
+
+
+@njit(inline="always")
+def _lanes_dcost_rho1(f, w, rho):  # pragma: no cover
+    return w * lanes_clamp_unit(f * 1e308)  # _sign, lane by lane
+
+
+@njit(inline="always")
+def _lanes_cost_rho2(f, w, rho):  # pragma: no cover
+    return w * (f * f)
+
+
+@njit(inline="always")
+def _lanes_dcost_rho2(f, w, rho):  # pragma: no cover
+    return (2.0 * w) * f
+
+
+@njit(inline="always")
+def _lanes_cost_pow(f, w, rho):  # pragma: no cover
+    return lanes_map(_cost_pow, f, w, rho)
+
+
+@njit(inline="always")
+def _lanes_dcost_pow(f, w, rho):  # pragma: no cover
+    return lanes_map(_dcost_pow, f, w, rho)
+
+
+@njit(inline="always")
+def _row_offsets(stride):  # pragma: no cover
+    return (0, stride, 2 * stride, 3 * stride, 4 * stride, 5 * stride, 6 * stride, 7 * stride)
+
+
+@njit(inline="always")
+def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
+    """``lanes_columns`` of the soft targets (rows of ``n_cls``, not padded): the last, partial block through
+    ``tail`` (LANES x LANES scratch), zero past ``n_cls``, so that no read leaves the array."""
+    if jb + LANES <= n_cls:
+        return lanes_columns(q_flat, q_offsets, jb)
+    for l in range(LANES):
+        for c in range(LANES):
+            tail[l * LANES + c] = q_flat[q_offsets[l] + jb + c] if jb + c < n_cls else 0.0
+    return lanes_columns(tail, _row_offsets(LANES), 0)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, cost, dcost):  # pragma: no cover
+    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[l * W : l * W + C]`` (W = the padded
+    width, ``spacing.shape[0]``). With ``need_grad``, ``g[l * W + j]`` <- dL/dp_j of row l; ``h`` (W * LANES)
+    is scratch. ``spacing[0]`` is 0: no edge below class 0."""
+    width = spacing.shape[0]
+    offsets = _row_offsets(width)
+    suffix = lanes_fill(0.0)
+    total = lanes_fill(0.0)
+    soft = labels[0] == NO_LABEL
+    for jb in range(width - LANES, -1, -LANES):
+        cols = lanes_columns(p, offsets, jb)
+        if soft:
+            q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
+        for c in range(LANES - 1, -1, -1):
+            k = jb + c
+            suffix = suffix + (cols[c] - q_cols[c] if soft else cols[c] - lanes_one_hot(k, labels))
+            total = total + cost(suffix, spacing[k], rho)
+            if need_grad:
+                lanes_store(h, k * LANES, dcost(suffix, spacing[k], rho))
+    if need_grad:  # dL/dp_k = sum of h over the edges 1..k: a prefix sum
+        acc = lanes_fill(0.0)
+        for jb in range(0, width, LANES):
+            g0 = acc + lanes_load(h, jb * LANES)
+            g1 = g0 + lanes_load(h, (jb + 1) * LANES)
+            g2 = g1 + lanes_load(h, (jb + 2) * LANES)
+            g3 = g2 + lanes_load(h, (jb + 3) * LANES)
+            g4 = g3 + lanes_load(h, (jb + 4) * LANES)
+            g5 = g4 + lanes_load(h, (jb + 5) * LANES)
+            g6 = g5 + lanes_load(h, (jb + 6) * LANES)
+            acc = g6 + lanes_load(h, (jb + 7) * LANES)
+            lanes_store_columns(g, offsets, jb, (g0, g1, g2, g3, g4, g5, g6, acc))
+    return lanes_to_tuple(total)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _path_gradient(h, mass, slot, j):  # pragma: no cover
+    """dL/dp_j in lanes: the leaf edge's part plus G of the node above."""
+    return lanes_load(h, j * LANES) + lanes_load(mass, slot[j] * LANES)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, cost, dcost):  # pragma: no cover
+    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[l * W : l * W + C]`` (W = the padded
+    width, ``slot.shape[0]``). With ``need_grad``, ``g[l * W + j]`` <- dL/dp_j of row l. ``mass`` (I * LANES),
+    ``h`` (W * LANES), ``tail`` (LANES * LANES) and ``dots`` (LANES) are scratch. A class-index target's -1
+    is added at its label after the class pass, so that pass reads no target for them."""
+    width = slot.shape[0]
+    n_int = parent.shape[0]
+    offsets = _row_offsets(width)
+    mass[:] = 0.0
+    total = lanes_fill(0.0)
+    soft = labels[0] == NO_LABEL
+    for jb in range(0, width, LANES):
+        cols = lanes_columns(p, offsets, jb)
+        if soft:
+            q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
+        for c in range(LANES):
+            j = jb + c
+            d = cols[c] - q_cols[c] if soft else cols[c]
+            s = slot[j] * LANES
+            lanes_store(mass, s, lanes_load(mass, s) + d)
+            total = total + cost(d, leaf_w[j], rho)
+            if need_grad:
+                lanes_store(h, j * LANES, dcost(d, leaf_w[j], rho))
+    if not soft:  # the -1 of each row's one-hot target, at its label
+        lanes_store(dots, 0, total)
+        for l in range(LANES):
+            y = labels[l]
+            if y >= 0:
+                py = float(p[l * width + y])
+                mass[slot[y] * LANES + l] -= 1.0
+                dots[l] += _cost(py - 1.0, leaf_w[y], rho) - _cost(py, leaf_w[y], rho)
+                if need_grad:
+                    h[y * LANES + l] = _dcost(py - 1.0, leaf_w[y], rho)
+        total = lanes_load(dots, 0)
+    for k in range(n_int - 1, 0, -1):
+        s = parent[k] * LANES
+        lanes_store(mass, s, lanes_load(mass, s) + lanes_load(mass, k * LANES))
+    lanes_store(mass, 0, lanes_fill(0.0))  # mass becomes G: the sum of dcost over the edges up to the root
+    for k in range(1, n_int):
+        f = lanes_load(mass, k * LANES)
+        total = total + cost(f, weight[k], rho)
+        lanes_store(mass, k * LANES, lanes_load(mass, parent[k] * LANES) + dcost(f, weight[k], rho))
+    if need_grad:
+        for jb in range(0, width, LANES):
+            lanes_store_columns(g, offsets, jb, (
+                _path_gradient(h, mass, slot, jb), _path_gradient(h, mass, slot, jb + 1),
+                _path_gradient(h, mass, slot, jb + 2), _path_gradient(h, mass, slot, jb + 3),
+                _path_gradient(h, mass, slot, jb + 4), _path_gradient(h, mass, slot, jb + 5),
+                _path_gradient(h, mass, slot, jb + 6), _path_gradient(h, mass, slot, jb + 7),
+            ))  # fmt: skip
+    return lanes_to_tuple(total)
+
+# One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
+# LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
+
+
+@njit(fastmath=FASTMATH)
+def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho1, _lanes_dcost_rho1)
+
+
+@njit(fastmath=FASTMATH)
+def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho2, _lanes_dcost_rho2)
+
+
+@njit(fastmath=FASTMATH)
+def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_pow, _lanes_dcost_pow)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_rho1(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
+                       _lanes_cost_rho1, _lanes_dcost_rho1)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_rho2(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
+                       _lanes_cost_rho2, _lanes_dcost_rho2)
+
+
+@njit(fastmath=FASTMATH)
+def _tree_pow(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
+    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
+                       _lanes_cost_pow, _lanes_dcost_pow)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads):  # pragma: no cover
+    """Blocks of LANES rows, split in one chunk of blocks per thread. For a chain ``weight`` holds the spacing.
+    ``slot``, ``leaf_w`` and the spacing are padded to W, a multiple of LANES (see ``padded_width``).
+
+    Lanes past the last row repeat it; ignored rows and bad labels are computed against no target (their
+    outputs are then overwritten).
+    """
+    n, n_cls = x.shape
+    width = weight.shape[0] if chain else slot.shape[0]
+    n_blocks = (n + LANES - 1) // LANES
+    chunks = min(n_blocks, threads)
+    q_flat = q.ravel()
+    for t in prange(chunks):
+        p = np.zeros(LANES * width, dtype=x.dtype)  # the padding stays 0
+        g = np.empty(LANES * width if need_grad else 0, dtype=np.float64)  # every block writes all of it
+        h = np.empty(LANES * width if need_grad else 0, dtype=np.float64)
+        mass = np.empty(0 if chain else LANES * parent.shape[0], dtype=np.float64)
+        tail = np.empty(LANES * LANES, dtype=q.dtype)
+        labels = np.empty(LANES, dtype=np.int64)
+        q_rows = np.empty(LANES, dtype=np.int64)
+        dots = np.empty(LANES, dtype=np.float64)
+        for b in range(t * n_blocks // chunks, (t + 1) * n_blocks // chunks):
+            for l in range(LANES):
+                i = min(b * LANES + l, n - 1)
+                labels[l] = _label(y, i, n_cls, ignore_index)
+                q_rows[l] = (i if q.shape[0] > 1 else 0) * n_cls
+                _probabilities(x, i, from_logits, p, l * width)
+            lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
+            q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
+            if chain:
+                args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail)
+                total = _chain_rho1(*args) if rho == 1.0 else _chain_rho2(*args) if rho == 2.0 else _chain_pow(*args)
+            else:
+                args = (p, q_flat, q_offsets, lab, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots)
+                total = _tree_rho1(*args) if rho == 1.0 else _tree_rho2(*args) if rho == 2.0 else _tree_pow(*args)
+            for l in range(min(LANES, n - b * LANES)):
+                i = b * LANES + l
+                if labels[l] == IGNORED or labels[l] == BAD_LABEL:
+                    _skip_row(i, labels[l], need_grad, loss, grad)
+                    continue
+                loss[i] = total[l]
+                if need_grad:
+                    _finish_gradient(p, l * width, g[l * width : l * width + n_cls], from_logits, scale, grad, i)
+
+
+
+#: Lane-kernel scratch that is always acceptable, whatever the input's size (cache-sized; see lanes_pay_off).
+LANES_SCRATCH_FLOOR = 1 << 20
+
+
+def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bool:
+    """Whether the LANES-row kernel is used: for at least LANES rows, when its scratch (per thread, LANES rows
+    of probabilities and of float64 gradients, and per-class and internal-node lanes) is at most the input's
+    size or at most ``LANES_SCRATCH_FLOOR`` (1 MiB). Otherwise one row at a time: fewer than LANES rows (the
+    lanes would repeat the last row), or small batches of huge trees (the scratch would outweigh the input).
+
+    Measured on the ImageNet tree, rho = 2, 2 threads (``python -m emdloss_lab.bench.profile_fused --kernel``): the kernel
+    takes 0.06 ms for a batch of 64 through the lanes and 0.26 ms one row at a time; 0.02 and 0.04 ms at 8."""
+    if n_rows < LANES:
+        return False
+    threads = min(numba.get_num_threads(), -(-n_rows // LANES))
+    scratch = threads * LANES * (padded_width(n_cls) * (itemsize + 16) + n_internal * 8)
+    return scratch <= max(n_rows * n_cls * itemsize, LANES_SCRATCH_FLOOR)
+
