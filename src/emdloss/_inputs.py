@@ -151,11 +151,11 @@ def _class_indices(labels: Tensor, num_classes: int, ignore_index: int, values: 
     if labels.device.type == "cpu" and not tracing():
         h = labels.numpy().astype(np.int64, copy=False)
         ignored = h == ignore_index
+        n_ignored = int(np.count_nonzero(ignored))
         if values:
             check_labels(h, num_classes, ignore_index)
-        n_ignored = int(np.count_nonzero(ignored))
         keep = torch.from_numpy(~ignored) if n_ignored else None
-        return torch.from_numpy(h), keep, h.shape[0] - n_ignored
+        return (labels if labels.dtype == torch.int64 else torch.from_numpy(h)), keep, h.shape[0] - n_ignored
     labels = labels.long()
     keep = labels != ignore_index
     if values and labels.numel():
@@ -167,6 +167,8 @@ def _class_indices(labels: Tensor, num_classes: int, ignore_index: int, values: 
 
 def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
     """Raise if a class index is outside [0, C) and not ``ignore_index``."""
+    if not np.count_nonzero(labels.view(np.uint64) >= num_classes):  # negatives wrap to huge: one pass
+        return
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bad.any():
         raise ValueError(bad_label_message(int(labels[bad][0]), num_classes, ignore_index))
@@ -187,27 +189,10 @@ def sum_tolerance(num_classes: int, dtype: torch.dtype) -> float:
 
 
 def check_distribution(t: Tensor, name: str) -> None:
-    """Rows of ``t`` (M, C) must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`.
-
-    A NaN or inf anywhere makes its row's sum non-finite, so the sums and the minimum are all that is read:
-    two reductions, no (M, C) temporaries; in numpy for float32/float64 CPU tensors (cheaper there than two
-    torch reductions' overhead), in torch elsewhere.
-    """
+    """Rows of ``t`` (M, C) must be finite, >= 0 and sum to 1 within :func:`sum_tolerance`."""
     if t.numel() == 0:
         return
-    t = t.detach()
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not tracing():
-        a = t.numpy()
-        sums = a.sum(axis=-1)
-        finite = bool(np.isfinite(sums).all())
-        low = float(a.min()) if finite else 0.0
-        worst = float(np.abs(sums - 1).max()) if finite else 0.0
-    else:
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        sums = t.sum(dim=-1, dtype=acc)
-        finite = bool(torch.isfinite(sums).all())
-        low = float(t.amin()) if finite else 0.0
-        worst = float((sums - 1).abs().max()) if finite else 0.0
+    finite, low, worst = _distribution_stats(t.detach())
     if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
     if low < 0:
@@ -215,6 +200,26 @@ def check_distribution(t: Tensor, name: str) -> None:
     tol = sum_tolerance(t.shape[-1], t.dtype)
     if worst > tol:
         raise ValueError(f"{name} rows must sum to 1 (tolerance {tol:.2g}); the worst row is off by {worst:.3g}")
+
+
+def _distribution_stats(t: Tensor) -> tuple[bool, float, float]:
+    """(all finite, smallest entry or 0 if none is negative, largest |row sum - 1|) of ``t`` (M, C).
+
+    A NaN or inf anywhere makes its row's sum non-finite, so row sums and the minimum are all that is read.
+    CPU float32/float64 tensors go through one vectorised numba pass when numba works here (see
+    :mod:`emdloss.backends.numba_kernels.stats` for why not torch there); others through two torch reductions.
+    """
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not tracing():
+        try:
+            from .backends.numba_kernels.stats import distribution_stats
+        except Exception:  # numba missing or broken: the fused backend says so; torch checks the same
+            pass
+        else:
+            return distribution_stats(t.contiguous().numpy())
+    sums = t.sum(dim=-1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(sums).all()):
+        return False, 0.0, 0.0
+    return True, min(float(t.amin()), 0.0), float((sums - 1).abs().amax())
 
 
 def check_reduction(reduction: str) -> None:

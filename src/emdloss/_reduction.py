@@ -17,28 +17,35 @@ from ._inputs import Batch, all_finite, check_labels, tracing
 
 def reduce_rows(loss: Tensor, batch: Batch) -> Tensor:
     """Apply ``batch.reduction`` to the per-row losses ``loss`` (M,), after :func:`check_finite_loss`."""
-    check_finite_loss(loss, batch)
     if batch.reduction == "none":
+        check_finite_loss(loss, batch)
         return loss.reshape(batch.out_shape)
     dtype = loss.dtype
-    total = loss.sum(dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
-    if batch.reduction == "sum":
-        return total.to(dtype)
+    half = dtype in (torch.float16, torch.bfloat16)
     count = batch.num_kept
+    if batch.reduction == "mean" and batch.keep is None and not half:
+        value = loss.mean()  # every row counts: one op (and one autograd node) instead of a sum and a division
+        check_finite_loss(loss, batch, value)
+        return value
+    total = loss.sum(dtype=torch.float32) if half else loss.sum()
+    check_finite_loss(loss, batch, total)
+    if batch.reduction == "sum":
+        return total.to(dtype) if half else total
     if isinstance(count, Tensor):  # on a device: no synchronisation, hence torch.where
         mean = torch.where(count > 0, total / count.clamp(min=1).to(total.dtype), math.nan)
     else:
         mean = total / count if count else total * 0.0 + math.nan  # (0 + NaN: NaN value, zero gradient)
-    return mean.to(dtype)
+    return mean.to(dtype) if half else mean
 
 
-def check_finite_loss(loss: Tensor, batch: Batch) -> None:
-    """Say why a loss is not finite, reading M losses rather than M x C inputs (the inputs only when one is
-    not): a class index out of range (CPU tensors, even with ``validate=False``, since the fused kernels give
-    such rows a NaN loss instead of reading out of bounds), or NaN/+inf logits (when values are checked)."""
+def check_finite_loss(loss: Tensor, batch: Batch, total: Tensor | None = None) -> None:
+    """Say why a loss is not finite, reading M losses (or their ``total``, when the caller has it) rather than
+    M x C inputs; the inputs only when a loss is not finite: a class index out of range (CPU tensors, even
+    with ``validate=False``, since the fused kernels give such rows a NaN loss instead of reading out of
+    bounds), or NaN/+inf logits (when values are checked)."""
     if not loss.numel() or not (batch.values_checked or (loss.device.type == "cpu" and not tracing())):
         return
-    if bool(torch.isfinite(loss.detach().sum())):
+    if math.isfinite((loss.detach().sum() if total is None else total).item()):
         return
     if batch.labels is not None and batch.labels.device.type == "cpu" and not tracing():
         check_labels(batch.labels.numpy(), batch.x.shape[1], batch.ignore_index)

@@ -44,17 +44,17 @@ class _FusedEMDFunction(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         if need_grad:
             ctx.save_for_backward(torch.from_numpy(grad))
-        return torch.from_numpy(loss).to(x.dtype)
+        return torch.from_numpy(loss) if loss.dtype == xc.dtype == x.dtype else torch.from_numpy(loss).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         if grad_out.numel() and grad_out.stride(0) == 0:  # one value for every row: "mean" and "sum" send this
-            factor = float(grad_out[0]) / ctx.row_weight
+            factor = grad_out.detach().as_strided((), ()).item() / ctx.row_weight  # its one value
             gx = grad if factor == 1.0 else grad * factor  # (autograd never writes into what backward returns)
         else:
             gx = grad * (grad_out.to(grad.dtype) / ctx.row_weight)[:, None]
-        return gx.to(ctx.x_dtype), None, None, None, None
+        return gx if gx.dtype == ctx.x_dtype else gx.to(ctx.x_dtype), None, None, None, None
 
 
 class FusedCPUBackend(Backend):

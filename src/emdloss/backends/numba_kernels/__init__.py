@@ -79,7 +79,7 @@ def tree_rows(
     ignore_index: int = -100,
     scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-row loss (N,) float64 and, if ``need_grad``, ``scale`` * d loss_i / d x_i (N, C) in x's dtype.
+    """Per-row loss (N,) and, if ``need_grad``, ``scale`` * d loss_i / d x_i (N, C), both in x's dtype.
 
     Args:
         x: (N, C) float32/float64 C-contiguous logits (probabilities when not ``from_logits``).
@@ -89,7 +89,7 @@ def tree_rows(
     Raises :class:`KernelFailure` if no kernel can run here.
     """
     n, c = x.shape
-    loss = np.empty(n, dtype=np.float64)
+    loss = np.empty(n, dtype=x.dtype)  # summed in float64 in the kernels, rounded once
     grad = np.empty((n, c) if need_grad else (0, c), dtype=x.dtype)
     if n == 0:
         return loss, grad if need_grad else None
