@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._inputs import Batch
 from ..tree import Tree
-from .base import Backend, BackendUnusable, BackendWarning
+from .base import Backend, BackendUnusable, BackendWarning, loss_weights
 from .fused_cpu import FusedCPUBackend
 from .reference import ReferenceBackend
 
@@ -29,6 +29,11 @@ ENV_VAR = "EMDLOSS_BACKEND"
 
 #: In the order ``"auto"`` tries them.
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (FusedCPUBackend(), ReferenceBackend())}
+
+
+def loss_weight_sum(tree: Tree) -> float:
+    """The sum of the tree's edge lengths as the loss weighs them (a bound on any row's loss), cached."""
+    return tree.cached("loss_weight_sum", lambda: float(loss_weights(tree).sum()))
 
 
 def names() -> tuple[str, ...]:
@@ -76,4 +81,7 @@ def row_losses(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:
                 raise
 
 
-__all__ = ["Backend", "BackendUnusable", "BackendWarning", "ENV_VAR", "check_name", "get", "names", "row_losses", "select"]
+__all__ = [
+    "ENV_VAR", "Backend", "BackendUnusable", "BackendWarning", "check_name", "get", "loss_weight_sum", "loss_weights",
+    "names", "row_losses", "select",
+]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 
+import numpy as np
 from torch import Tensor
 
 from .._inputs import Batch
@@ -49,3 +50,23 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
         """(M,) per-row losses in ``batch.x``'s dtype, differentiable as the module docstring says."""
+
+
+def loss_weights(tree: Tree) -> np.ndarray:
+    """(num_nodes,) float64: the length of the edge from each node to its parent as the loss weighs it, which is
+    ``tree.weights`` except 0 on the edges with every class below them (and at the root).
+
+    Such an edge carries the flow ``sum(p) - sum(q)``, exactly 0 for distributions; computed, it is rounding
+    error, which a long edge above the classes (a heavy root edge, a chain's far end) would multiply into the
+    loss. Cached on the tree (do not modify it); every backend uses it, so they agree on these edges exactly.
+    """
+
+    def build() -> np.ndarray:
+        start = tree.position  # node -> its DFS position; subtree_end is indexed by position
+        below = np.searchsorted(np.sort(start[tree.classes]), [start, tree.subtree_end[start]])
+        spans_all = (below[1] - below[0]) == tree.num_classes
+        weights = np.where(spans_all, 0.0, tree.weights).astype(np.float64)
+        weights[tree.root] = 0.0
+        return weights
+
+    return tree.cached("loss_weights", build)

@@ -5,7 +5,8 @@ The gradient is computed in the forward pass, while each row is in cache, pre-sc
 reduction will send back (:attr:`~emdloss._inputs.Batch.row_weight`); backward then returns it as it is for a
 plain ``loss.backward()`` and rescales it otherwise.
 
-Runs CPU tensors outside ``torch.compile`` and ``torch.func`` tracing, when the target needs no gradient.
+Runs CPU tensors outside ``torch.compile`` and ``torch.func`` tracing, when the target needs no gradient. Its
+gradient is not differentiable: ``create_graph=True`` through it raises, naming ``backend="torch"``.
 If numba or its kernels fail on this machine, it warns once and the registry uses the reference backend.
 """
 
@@ -48,6 +49,12 @@ class _FusedEMDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate this gradient
+            raise RuntimeError(
+                "emdloss: second derivatives (create_graph=True, Hessian-vector products, gradient penalties) need "
+                "backend='torch'; the fused CPU backend computes its gradient in the forward pass and cannot "
+                "differentiate it"
+            )
         (grad,) = ctx.saved_tensors
         if grad_out.numel() and grad_out.stride(0) == 0:  # one value for every row: "mean" and "sum" send this
             factor = grad_out.detach().as_strided((), ()).item() / ctx.row_weight  # its one value

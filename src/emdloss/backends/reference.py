@@ -17,15 +17,16 @@ a handful of passes; the fused CPU backend (:mod:`.fused_cpu`) does the same in 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._inputs import Batch
+from .._inputs import Batch, functorch_active
 from ..tree import Tree
-from .base import Backend
+from .base import Backend, loss_weights
 
 ACC_DTYPE = torch.float64
 
@@ -35,7 +36,8 @@ class TreeTensors:
     """The index tensors of a tree on one device (all 1-D).
 
     class_pos: (C,) DFS position of each class. edge_lo / edge_hi: (E,) the position range below each
-    edge, edges ordered as ``tree.edge_nodes``. edge_w: (E,) float64 edge lengths.
+    edge, edges ordered as ``tree.edge_nodes``. edge_w: (E,) float64 edge lengths as the loss weighs them
+    (:func:`.base.loss_weights`).
     """
 
     num_nodes: int
@@ -51,15 +53,29 @@ class TreeTensors:
             "class_pos": tree.position[tree.classes],
             "edge_lo": lo,
             "edge_hi": tree.subtree_end[lo],
-            "edge_w": tree.weights[tree.edge_nodes],
+            "edge_w": loss_weights(tree)[tree.edge_nodes],
         }
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
         return TreeTensors(num_nodes=tree.num_nodes, **tensors)
 
     @staticmethod
     def cached(tree: Tree, device: torch.device) -> TreeTensors:
-        """The tensors of ``tree`` on ``device``, built once per tree and device."""
-        return tree.cached(("reference", str(device)), lambda: TreeTensors.from_tree(tree, device))
+        """The tensors of ``tree`` on ``device``, built once per tree and device.
+
+        Never from inside a trace: tensors made while ``torch.compile`` traces are not cached (they must not
+        outlive it), and inside ``torch.func`` transforms they are built with functorch disabled (a factory
+        call there returns a tensor wrapped at the transform's level, which fails once the level is gone).
+        """
+        if torch.compiler.is_compiling():
+            return TreeTensors.from_tree(tree, device)
+        with _plain_tensors():
+            return tree.cached(("reference", str(device)), lambda: TreeTensors.from_tree(tree, device))
+
+
+def _plain_tensors() -> contextlib.AbstractContextManager[None]:
+    """A context in which new tensors are plain, not wrapped by an active ``torch.func`` transform."""
+    disable = getattr(torch._C, "_DisableFuncTorch", None)
+    return disable() if disable is not None else contextlib.nullcontext()
 
 
 def scatter_to_positions(d: Tensor, tt: TreeTensors) -> Tensor:
@@ -107,6 +123,11 @@ class _ReferenceEMDFunction(torch.autograd.Function):
     probabilities, hard and soft targets. The flows are a second, non-differentiable output so that
     ``setup_context`` can save them (the form ``torch.func`` transforms need); ``vmap`` folds the vmapped
     dimension into the rows, since every row is independent.
+
+    Higher derivatives: when the backward itself is differentiated (``create_graph=True``,
+    ``torch.func.hessian``), it recomputes the flows from ``d`` in differentiable torch ops instead of using the
+    saved ones, so second derivatives are exact (rho > 1; 0 almost everywhere for rho = 1). Forward mode
+    (``torch.func.jvp``, ``jacfwd``) is :class:`_ReferenceEMDFunctionWithJvp`.
     """
 
     @staticmethod
@@ -119,12 +140,15 @@ class _ReferenceEMDFunction(torch.autograd.Function):
         d, tt, rho = inputs
         f = output[1]
         ctx.mark_non_differentiable(f)
-        ctx.save_for_backward(f)
+        ctx.save_for_backward(d, f)
+        ctx.save_for_forward(f)
         ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore
-        (f,) = ctx.saved_tensors
+        d, f = ctx.saved_tensors
+        if torch.is_grad_enabled() or functorch_active():  # the backward is being differentiated
+            f = edge_flows(d, ctx.tt)
         h = edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * grad_out.to(ACC_DTYPE)[:, None]
         return flow_gradient(h, ctx.tt).to(ctx.dtype), None, None
 
@@ -136,6 +160,32 @@ class _ReferenceEMDFunction(torch.autograd.Function):
         b = d.shape[0]
         loss, f = _ReferenceEMDFunction.apply(d.reshape(-1, d.shape[-1]), tt, rho)
         return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
+
+
+class _ReferenceEMDFunctionWithJvp(_ReferenceEMDFunction):
+    """The same Function with a forward-mode rule, used inside ``torch.func`` transforms (``jacfwd``,
+    ``hessian``, ``jvp``) and ``torch.autograd.forward_ad``. Kept apart because ``torch.compile`` cannot trace
+    a Function that defines ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx, d_t: Tensor, _tt_t: None, _rho_t: None) -> tuple[Tensor, None]:  # type: ignore[override]
+        (f,) = ctx.saved_tensors  # in jvp: what setup_context saved for forward
+        f_t = edge_flows(d_t, ctx.tt)
+        return (edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * f_t).sum(-1).to(ctx.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
+        if in_dims[0] is None:
+            return _ReferenceEMDFunctionWithJvp.apply(d, tt, rho), (None, None)
+        d = d.movedim(in_dims[0], 0)
+        b = d.shape[0]
+        loss, f = _ReferenceEMDFunctionWithJvp.apply(d.reshape(-1, d.shape[-1]), tt, rho)
+        return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
+
+
+def _forward_mode_possible() -> bool:
+    """Inside a torch.func transform or a torch.autograd.forward_ad dual level."""
+    return functorch_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 class _FlowsFunction(torch.autograd.Function):
@@ -191,7 +241,8 @@ class ReferenceBackend(Backend):
         else:
             labels = batch.labels if batch.keep is None else torch.where(batch.keep, batch.labels, 0)
             d = p - torch.zeros_like(p).scatter(1, labels[:, None], 1.0)  # one_hot reads values: no vmap
-        loss = _ReferenceEMDFunction.apply(d, tt, rho)[0]
+        function = _ReferenceEMDFunctionWithJvp if _forward_mode_possible() else _ReferenceEMDFunction
+        loss = function.apply(d, tt, rho)[0]
         if batch.keep is not None:
             loss = loss * batch.keep
         return loss.to(x.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...tree import Tree
+from ..base import loss_weights
 
 #: Rows the lane kernels sweep together, and the multiple the class arrays are padded to.
 LANES = 8
@@ -52,12 +53,12 @@ class InternalTree:
         index = np.full(n, -1, dtype=np.int64)
         index[internal] = np.arange(internal.size)
         parent = np.where(internal == tree.root, -1, index[np.maximum(tree.parents[internal], 0)])
-        weight = np.where(internal == tree.root, 0.0, tree.weights[internal])
+        weight = loss_weights(tree)[internal]  # 0 at the root
         cls = tree.classes
         cls_internal = is_internal[cls]
         slot = np.where(cls_internal, index[cls], index[np.maximum(tree.parents[cls], 0)])
         slot = np.where(cls == tree.root, 0, slot)
-        leaf_w = np.where(cls_internal, 0.0, tree.weights[cls])
+        leaf_w = np.where(cls_internal, 0.0, loss_weights(tree)[cls])
         return InternalTree(
             slot=_pad(slot, np.int64),
             leaf_w=_pad(leaf_w, np.float64),
@@ -75,7 +76,7 @@ def chain_spacing(tree: Tree) -> np.ndarray:
     k; 0 at k = 0 and in the padding. Cached on the tree."""
 
     def build() -> np.ndarray:
-        spacing = _pad(tree.weights[tree.classes], np.float64)
+        spacing = _pad(loss_weights(tree)[tree.classes], np.float64)
         spacing[0] = 0.0
         return spacing
 
@@ -83,11 +84,17 @@ def chain_spacing(tree: Tree) -> np.ndarray:
 
 
 def distance_rows(tree: Tree, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The tree's C x C distance matrix and the (C,) weighted depth of each class, in ``dtype``, cached."""
-    return tree.cached(
-        ("numba_distance", np.dtype(dtype).str),
-        lambda: (
+    """The tree's C x C distance matrix and the (C,) depth of each class under the loss's edge lengths
+    (:func:`~emdloss.backends.base.loss_weights`: the edges above every class weigh 0), in ``dtype``, cached."""
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        weights = loss_weights(tree).tolist()
+        depth = [0.0] * tree.num_nodes
+        for v in tree.preorder[1:].tolist():  # parents first; a sum along each path, no cancellation
+            depth[v] = depth[int(tree.parents[v])] + weights[v]
+        return (
             np.ascontiguousarray(tree.distance_matrix(), dtype=dtype),
-            np.ascontiguousarray(tree.depth()[tree.classes], dtype=dtype),
-        ),
-    )
+            np.ascontiguousarray(np.asarray(depth)[tree.classes], dtype=dtype),
+        )
+
+    return tree.cached(("numba_distance", np.dtype(dtype).str), build)
