@@ -136,7 +136,11 @@ def zero_row(n_cls: int, dtype: np.dtype) -> np.ndarray:
 
 
 def follow_torch_threads() -> None:
-    """Run the kernels on as many threads as torch uses (``torch.set_num_threads`` governs both)."""
+    """Run the kernels on as many threads as torch uses (``torch.set_num_threads`` governs both).
+
+    Called before every kernel. ``numba.get_num_threads`` also (re)registers this process with numba's OpenMP
+    layer, which otherwise terminates a forked child whose parent ran a parallel region: keep that call first
+    (``tests/test_reliability.py`` forks after use)."""
     import torch
 
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
