@@ -154,12 +154,7 @@ class _ReferenceEMDFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
-        if in_dims[0] is None:
-            return _ReferenceEMDFunction.apply(d, tt, rho), (None, None)
-        d = d.movedim(in_dims[0], 0)
-        b = d.shape[0]
-        loss, f = _ReferenceEMDFunction.apply(d.reshape(-1, d.shape[-1]), tt, rho)
-        return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
+        return _vmap_rows(_ReferenceEMDFunction, in_dims, d, tt, rho)
 
 
 class _ReferenceEMDFunctionWithJvp(_ReferenceEMDFunction):
@@ -175,12 +170,17 @@ class _ReferenceEMDFunctionWithJvp(_ReferenceEMDFunction):
 
     @staticmethod
     def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
-        if in_dims[0] is None:
-            return _ReferenceEMDFunctionWithJvp.apply(d, tt, rho), (None, None)
-        d = d.movedim(in_dims[0], 0)
-        b = d.shape[0]
-        loss, f = _ReferenceEMDFunctionWithJvp.apply(d.reshape(-1, d.shape[-1]), tt, rho)
-        return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
+        return _vmap_rows(_ReferenceEMDFunctionWithJvp, in_dims, d, tt, rho)
+
+
+def _vmap_rows(function: type[torch.autograd.Function], in_dims, d: Tensor, tt: TreeTensors, rho: float):
+    """The vmap rule of both Functions: rows are independent, so the vmapped dimension folds into them."""
+    if in_dims[0] is None:
+        return function.apply(d, tt, rho), (None, None)
+    d = d.movedim(in_dims[0], 0)
+    b = d.shape[0]
+    loss, f = function.apply(d.reshape(-1, d.shape[-1]), tt, rho)
+    return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
 
 
 def _forward_mode_possible() -> bool:
