@@ -24,9 +24,15 @@ Iterations (``f, g`` are dual potentials, (N, C) each; all rows of the batch at 
 
 ``log_domain=True`` evaluates the sums as log-sum-exp over an (N, C, C) tensor (stable for any ``reg``);
 ``log_domain=False`` is the classic scaling form ``u = a / (K v)``, ``v = b / (K^T u)`` with
-``K = exp(-M / reg)``, two (N, C) x (C, C) products per iteration, which underflows once ``M / reg``
+``K = exp(-M / reg)``, two (N, C) x (C, C) products per iteration, which underflows once ``max(M) / reg``
 exceeds about 87 (float32) or 708 (float64): it then raises :class:`SinkhornUnderflowError` naming the
-smallest safe ``reg`` instead of returning NaN (``on_underflow="ignore"`` returns the raw result).
+smallest safe ``reg`` before iterating (entries of ``K`` that round to 0 would give plans of zeros, not NaN),
+and again if a scaling stops being finite (``on_underflow="ignore"`` returns the raw result).
+
+Convergence: with ``tol > 0``, a call whose budget ``max_iter`` ends before every row's plan meets the
+prediction's marginal within ``tol`` warns once with :class:`SinkhornConvergenceWarning` (an unconverged plan
+is not the regularised optimum, and its ``<T, M>`` can fall below the exact EMD). ``tol=0`` asks for exactly
+``max_iter`` iterations and never warns.
 
 Gradients: ``grad="envelope"`` returns the centred potentials, ``f - mean(f)`` w.r.t. ``a`` (and
 ``g - mean(g)`` w.r.t. a soft ``b``), which is the exact gradient of the regularised objective
@@ -39,6 +45,9 @@ give the exact gradient ``M[:, y]``; with soft targets they differ by O(reg).
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +58,14 @@ from torch import Tensor
 from . import _inputs
 from ._reduction import reduce_rows
 
-__all__ = ["SinkhornInfo", "SinkhornUnderflowError", "check_cost", "sinkhorn", "underflow_reg"]
+__all__ = [
+    "SinkhornConvergenceWarning",
+    "SinkhornInfo",
+    "SinkhornUnderflowError",
+    "check_cost",
+    "sinkhorn",
+    "underflow_reg",
+]
 
 GRADS = ("envelope", "autodiff")
 ON_UNDERFLOW = ("raise", "ignore")
@@ -57,6 +73,13 @@ ON_UNDERFLOW = ("raise", "ignore")
 
 class SinkhornUnderflowError(FloatingPointError, ValueError):
     """The plain (non-log) Sinkhorn kernel or scalings under/overflowed for this ``reg`` and dtype."""
+
+
+class SinkhornConvergenceWarning(UserWarning):
+    """Some rows' plans did not meet the prediction's marginal within ``tol`` in ``max_iter`` iterations.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=SinkhornConvergenceWarning)``, or pass
+    ``tol=0`` to run a fixed number of iterations without the check."""
 
 
 @dataclass
@@ -209,7 +232,8 @@ def _plain_sinkhorn(
     on_underflow: str,
 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
     """Scaling iterations u = a / (K v), v = b / (K^T u), K = exp(-M / reg). Same returns as
-    :func:`_log_sinkhorn`; raises :class:`SinkhornUnderflowError` when a scaling stops being finite."""
+    :func:`_log_sinkhorn`; raises :class:`SinkhornUnderflowError` before iterating when entries of K leave
+    the normal range (``reg < underflow_reg(max(cost))``), and when a scaling stops being finite."""
     k = torch.exp(-cost / reg)  # (C, C)
 
     def scale(mass: Tensor, kx: Tensor) -> Tensor:  # mass / kx with 0 where there is no mass
@@ -217,14 +241,12 @@ def _plain_sinkhorn(
 
     def check(it: int, *xs: Tensor) -> None:
         if on_underflow == "raise" and not all(bool(torch.isfinite(x).all()) for x in xs):
-            need = underflow_reg(float(cost.max()), cost.dtype)
-            raise SinkhornUnderflowError(
-                f"plain Sinkhorn (log_domain=False) under/overflowed at iteration {it} in {cost.dtype}: "
-                f"reg={reg:.3g} is too small for this dtype (exp(-max(cost)/reg) = exp(-{float(cost.max()) / reg:.4g}), "
-                f"the smallest normal {cost.dtype} is exp({math.log(torch.finfo(cost.dtype).tiny):.4g})). "
-                f"Use reg >= {need:.3g} (more if the scalings still overflow), float64, or log_domain=True"
-            )
+            raise SinkhornUnderflowError(_underflow_message(f"under/overflowed at iteration {it}", cost, reg))
 
+    # K's entries below the normal range lose precision, and those that round to 0 silently drop routes from
+    # the plan (a zero diagonal keeps every scaling finite, so `check` would never fire): refuse up front
+    if on_underflow == "raise" and cost.numel() and reg < underflow_reg(float(cost.max()), cost.dtype):
+        raise SinkhornUnderflowError(_underflow_message("underflows in its kernel K = exp(-cost/reg)", cost, reg))
     v = torch.ones_like(b)
     kv_u = v @ k.T  # the K v that made the current u
     u = scale(a, kv_u)
@@ -248,6 +270,53 @@ def _plain_sinkhorn(
     f = -reg * torch.log(kv_u)  # = reg * log(u / a), the KL-form potential
     g = -reg * torch.log(ktu)
     return plan, _finite_or(f), _finite_or(g), it, err
+
+
+def _underflow_message(what: str, cost: Tensor, reg: float) -> str:
+    cmax, dtype = float(cost.max()), cost.dtype
+    other = "float64, " if dtype != torch.float64 else ""
+    return (
+        f"plain Sinkhorn (log_domain=False) {what} in {dtype}: "
+        f"reg={reg:.3g} is too small for this dtype (exp(-max(cost)/reg) = exp(-{cmax / reg:.4g}), "
+        f"the smallest normal {dtype} is exp({math.log(torch.finfo(dtype).tiny):.4g})). "
+        f"Use reg >= {underflow_reg(cmax, dtype):.3g} (more if the scalings still overflow), {other}or log_domain=True"
+    )
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.nn.modules.__file__)), "")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for a :func:`warnings.warn` in this package's function that calls this one: it points
+    at the first frame outside the package and ``torch.nn.modules`` (the user's line, also through
+    :class:`SinkhornLoss`)."""
+    frame, level = sys._getframe(1), 1  # the caller of this function, whose warnings.warn is stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith((_OWN_DIR, _TORCH_MODULES_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_unconverged(err: Tensor, keep: Tensor | None, tol: float, max_iter: int, skip_nonfinite: bool) -> None:
+    """Warn once (:class:`SinkhornConvergenceWarning`) if a counted row's marginal error is above ``tol``.
+    ``skip_nonfinite``: rows whose error is NaN/inf are the underflow the caller chose to ignore."""
+    bad = ~(err <= tol)
+    if keep is not None:
+        bad &= keep
+    if skip_nonfinite:
+        bad &= torch.isfinite(err)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return
+    worst = float(err[bad].max()) if bool(torch.isfinite(err[bad]).all()) else math.nan
+    warnings.warn(
+        f"Sinkhorn did not converge: {n_bad} of {err.shape[0]} rows still have row marginal error > tol={tol:.3g} "
+        f"after max_iter={max_iter} iterations (largest error {worst:.3g}). Their plans do not meet the "
+        "prediction's marginal, so the loss is not the entropic OT value and can even be below the exact EMD. "
+        "Raise max_iter, raise reg, or pass tol=0 to run a fixed number of iterations without this check",
+        SinkhornConvergenceWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def sinkhorn(
@@ -280,12 +349,15 @@ def sinkhorn(
             mass from predicted class i to target class j. For a tree: ``tree.distance_matrix()``.
         reg: entropic regularisation, **absolute** (in the units of ``cost``, as POT's ``reg``).
         max_iter: iteration budget (one iteration updates both potentials).
-        tol: stop when every row's plan has row marginal L1 error <= tol (0: always run ``max_iter``).
+        tol: stop when every row's plan has row marginal L1 error <= tol; if some row is still above it after
+            ``max_iter`` iterations, warn (:class:`SinkhornConvergenceWarning`). 0: always run ``max_iter``
+            iterations, without the check or the warning.
         log_domain: stable log-sum-exp iterations (default) or the plain scaling form (fast, underflows).
         grad: "envelope" (centred dual potentials, O(1) memory) or "autodiff" (through the iterations).
         from_logits, reduction, ignore_index, validate: as :func:`emdloss.functional.emd`.
-        on_underflow: plain variant only: "raise" a :class:`SinkhornUnderflowError` naming the safe reg,
-            or "ignore" and return whatever the arithmetic gave (NaN/inf).
+        on_underflow: plain variant only: "raise" a :class:`SinkhornUnderflowError` naming the safe reg
+            (before iterating if ``reg < underflow_reg(max(cost))``), or "ignore" and return whatever the
+            arithmetic gave (NaN/inf or zeros; rows with a non-finite marginal error then do not warn either).
         return_info: also return a :class:`SinkhornInfo` (plan, potentials, iterations, convergence).
         warm_start: (M, C) target-side potentials to start from, M = N * d1 * ... * dk, typically
             ``info.g`` of an earlier call on the same rows: ``k`` iterations and then ``j`` more from its ``g``
@@ -346,7 +418,9 @@ def sinkhorn(
         value = value.detach() + (f * (a - a.detach())).sum(-1) + (g * (b - b.detach())).sum(-1)
     if rows.keep is not None:
         value = value * rows.keep
-    loss = reduce_rows(value.to(input.dtype), rows)
+    loss = reduce_rows(value.to(input.dtype), rows)  # raises first if the input made the loss NaN
+    if tol > 0:
+        _warn_unconverged(err.detach(), rows.keep, tol, max_iter, skip_nonfinite=on_underflow == "ignore")
     if not return_info:
         return loss
     info = SinkhornInfo(
