@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -81,7 +82,9 @@ def test_soft_labels_definition_and_limits() -> None:
     assert torch.allclose(hard, torch.nn.functional.cross_entropy(z, y), atol=1e-4)
 
 
-@pytest.mark.parametrize("cls,kw", [(baselines.HXELoss, {"alpha": -1.0}), (baselines.SoftLabelLoss, {"beta": float("nan")})])
+@pytest.mark.parametrize(
+    "cls,kw", [(baselines.HXELoss, {"alpha": -1.0}), (baselines.SoftLabelLoss, {"beta": float("nan")})]
+)
 def test_baselines_reject_bad_arguments(cls, kw) -> None:
     with pytest.raises(ValueError, match="alpha|beta"):
         cls(small_tree(), **kw)
@@ -107,18 +110,23 @@ def test_generative_model_distances_follow_the_tree() -> None:
 # ---------------------------------------------------------------------- experiments end to end
 
 
-def _run_smoke(name: str, tmp_path, *extra: str) -> dict:
+def _run_smoke(name: str, tmp_path, *extra: str, capsys=None) -> dict:
     out = tmp_path / name
     assert main(["experiment", name, "--out", str(out), "--smoke", "--seeds", "2", "--no-progress", *extra]) == 0
+    if capsys is not None:  # the command says where it wrote, naming every file
+        last = capsys.readouterr().out.rstrip().splitlines()[-1]
+        assert last.startswith("wrote report.md, results.json and ") and f" to {out}{os.sep} in " in last
+        assert all((out / name).exists() for name in last.split(" to ")[0][len("wrote "):].replace(" and ", ", ")
+                   .split(", "))
     report = (out / "report.md").read_text()
     assert report.startswith("#") and "Command:" in report and "±" in report
     assert any(p.suffix == ".png" and p.read_bytes()[:4] == b"\x89PNG" for p in out.iterdir())
     return json.loads((out / "results.json").read_text())
 
 
-def test_ordinal_smoke(tmp_path) -> None:
+def test_ordinal_smoke(tmp_path, capsys) -> None:
     _needs_shared_data()
-    data = _run_smoke("ordinal", tmp_path)
+    data = _run_smoke("ordinal", tmp_path, capsys=capsys)
     runs = data["results"]["lev"]["emd"]
     assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["mae"] >= 0 for r in runs)
 
@@ -132,9 +140,9 @@ def test_ordinal_loaders_levels() -> None:
     assert x.shape == (4177, 10) and y.max() == 28
 
 
-def test_convergence_smoke(tmp_path) -> None:
+def test_convergence_smoke(tmp_path, capsys) -> None:
     _needs_shared_data()
-    data = _run_smoke("convergence", tmp_path)
+    data = _run_smoke("convergence", tmp_path, capsys=capsys)
     curves = data["curves"]
     assert "sinkhorn" in curves["tree"]["logits"] and "sinkhorn" not in curves["chain"]["logits"]
     for t in curves:
@@ -160,9 +168,9 @@ def test_convergence_curve_starts_at_exact_emd() -> None:
     assert convergence.steps_to([1.0, 0.5], 0.05) is None
 
 
-def test_hierarchy_smoke(tmp_path) -> None:
+def test_hierarchy_smoke(tmp_path, capsys) -> None:
     _needs_shared_data()
-    data = _run_smoke("hierarchy", tmp_path)
+    data = _run_smoke("hierarchy", tmp_path, capsys=capsys)
     groups = set(data["results"])
     assert groups == {"imagenet/2", "digits/5"}
     for g in groups:
@@ -171,8 +179,12 @@ def test_hierarchy_smoke(tmp_path) -> None:
             assert len(runs) == 2 and all(0 <= r["top1"] <= r["top5"] <= 1 for r in runs)
 
 
-def test_experiment_refuses_existing_checkpoint_without_resume(tmp_path) -> None:
+def test_experiment_refuses_existing_checkpoint_without_resume(tmp_path, capsys) -> None:
     _needs_shared_data()
     _run_smoke("ordinal", tmp_path)
-    with pytest.raises(Exception, match="--resume"):
-        main(["experiment", "ordinal", "--out", str(tmp_path / "ordinal"), "--smoke", "--seeds", "2", "--no-progress"])
+    capsys.readouterr()
+    argv = ["experiment", "ordinal", "--out", str(tmp_path / "ordinal"), "--smoke", "--seeds", "2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emdloss: error: ") and err.count("\n") == 1 and "--resume" in err
+    assert main([*argv, "--resume"]) == 0  # a finished run, reported again

@@ -1,5 +1,6 @@
 """No lost work: an experiment killed mid-run (SIGKILL) and started again with ``--resume`` ends with exactly the
-results of an uninterrupted run; a corrupt or mismatched checkpoint stops with a clear CheckpointError."""
+results of an uninterrupted run; a corrupt or mismatched checkpoint stops with a clear one-line error (exit status
+2; the CheckpointError itself under --debug)."""
 
 from __future__ import annotations
 
@@ -64,16 +65,24 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
     assert a == b
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path) -> None:
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / CHECKPOINT_NAME).write_text("{ not json")
+    argv = ["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "1", "--resume", "--no-progress"]
+    assert main(argv) == 2
+    assert "corrupt" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="corrupt"):
-        main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "1", "--resume", "--no-progress"])
+        main(["--debug", *argv])
 
 
-def test_mismatched_checkpoint_is_a_clear_error(tmp_path) -> None:
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = ["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "2", "--resume", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emdloss: error: ") and "different configuration (seeds 1 -> 2)" in err
     with pytest.raises(CheckpointError, match="different configuration"):
-        main(["experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", "2", "--resume", "--no-progress"])
+        main(["--debug", *argv])

@@ -4,6 +4,7 @@ checkpoint, and a resumed run that repeats an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,9 +62,12 @@ def test_other_losses_train(folder, tmp_path, loss) -> None:
     assert len(hist) == 1 and np.isfinite(hist[0]["train_loss"])
 
 
-def test_train_checkpoint_and_resume_equal_uninterrupted(folder, tmp_path) -> None:
+def test_train_checkpoint_and_resume_equal_uninterrupted(folder, tmp_path, capsys) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(folder, full, 2)) == 0
+    said = capsys.readouterr()
+    assert f"writing to {full}{os.sep}" in said.err
+    assert said.out.rstrip().splitlines()[-1].startswith(f"wrote last.pt and results.json to {full}{os.sep}")
     res = json.loads((full / "results.json").read_text())
     assert res["config"]["arch_used"] == "small-cnn" and res["config"]["train_images"] == 12
     hist = res["history"]
@@ -74,10 +78,14 @@ def test_train_checkpoint_and_resume_equal_uninterrupted(folder, tmp_path) -> No
         assert np.isfinite(h["train_loss"]) and np.isfinite(h["val_emd"])
 
     assert main(_args(folder, part, 2, "relaxed", "--stop-after", "1")) == 0  # stop after one epoch ...
-    with pytest.raises(CheckpointError, match="--resume"):
-        main(_args(folder, part, 2))
+    capsys.readouterr()
+    assert main(_args(folder, part, 2)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emdloss: error: ") and err.count("\n") == 1 and "--resume" in err
+    assert main(_args(folder, part, 3, "relaxed", "--resume")) == 2
+    assert "different configuration (epochs 2 -> 3)" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="different configuration"):
-        main(_args(folder, part, 3, "relaxed", "--resume"))
+        main(["--debug", *_args(folder, part, 3, "relaxed", "--resume")])
     assert main(_args(folder, part, 2, "relaxed", "--resume")) == 0  # ... and continue to two
     hist2 = json.loads((part / "results.json").read_text())["history"]
     drop = {"seconds"}
@@ -88,6 +96,23 @@ def test_train_checkpoint_and_resume_equal_uninterrupted(folder, tmp_path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_root_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="image folder not found"):
-        main(["train-imagenet", "--root", str(tmp_path / "nothing"), "--no-progress"])
+def test_bad_root_is_a_clear_error(tmp_path, capsys) -> None:
+    assert main(["train-imagenet", "--root", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"emdloss: error: --root {tmp_path / 'nothing'}: no such folder")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):  # the function itself, for API users
+        imagenet.list_images(tmp_path / "nothing")
+
+
+def test_other_mistakes_are_clear_errors(folder, tmp_path, capsys) -> None:
+    (tmp_path / "bad-isa.txt").write_text("only-one-column\n")
+    for extra, words in ((["--isa", str(tmp_path / "missing.txt")], "--isa"),
+                         (["--isa", str(tmp_path / "bad-isa.txt")], "--isa"),
+                         (["--isa", str(folder / "isa.txt"), "--arch", "no-such-net"], "--arch")):
+        argv = ["train-imagenet", "--root", str(folder), "--out", str(tmp_path / "o"), "--epochs", "1",
+                "--workers", "0", "--no-progress", *extra]
+        if extra[-1] == "no-such-net" and not imagenet.has_torchvision():
+            continue  # without torchvision any --arch falls back to the small CNN
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("emdloss: error: ") and words in err

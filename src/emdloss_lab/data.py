@@ -10,11 +10,19 @@ from typing import Any
 from emdloss import Tree
 from emdloss.hierarchies import from_isa_file, read_isa, read_words
 
+from .errors import UsageError
+
 ENV_VAR = "EMDLOSS_DATA"
 
+#: what the shared data folder holds, for the messages that ask for it
+CONTENTS = "PROVENANCE.md and the hierarchies/, ordinal/ and spectra/ folders it describes"
+#: where it comes from, for the same messages
+SOURCE = (f"set {ENV_VAR} to that folder, or run from a checkout that has shared/data beside it "
+          "(emdloss demo needs none of it)")
 
-class DataUnavailable(FileNotFoundError):
-    """The shared data folder (or a file in it) is not on this machine."""
+
+class DataUnavailable(FileNotFoundError, UsageError):
+    """The shared data folder (or a file in it) is not on this machine; the message says where it is looked for."""
 
 
 def shared_data_dir() -> Path:
@@ -22,22 +30,32 @@ def shared_data_dir() -> Path:
     folder or any of its parents (the layout of this project's checkouts)."""
     env = os.environ.get(ENV_VAR)
     if env:
+        if not Path(env).is_dir():
+            raise DataUnavailable(
+                f"{ENV_VAR}={env} is not a folder: it must name the shared data folder, which holds {CONTENTS}"
+            )
         return Path(env)
     for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent, *Path(__file__).resolve().parents):
         cand = base / "shared" / "data"
         if (cand / "PROVENANCE.md").exists():
             return cand
     raise DataUnavailable(
-        f"shared data folder not found: set {ENV_VAR} to the folder that holds PROVENANCE.md "
-        "(this project's checkouts keep it at ../shared/data)"
+        f"the shared data folder was not found: this command reads real data files ({CONTENTS}); {SOURCE}"
     )
 
 
 def data_file(relative: str) -> Path:
     """A file under the shared data folder, or :class:`DataUnavailable` naming it."""
-    path = shared_data_dir() / relative
+    folder = shared_data_dir()
+    path = folder / relative
     if not path.exists():
-        raise DataUnavailable(f"shared data file missing: {path}")
+        origin = f"from {ENV_VAR}" if os.environ.get(ENV_VAR) else "found beside the checkout"
+        hint = ("" if (folder / "PROVENANCE.md").exists()
+                else f"; it has no PROVENANCE.md, so {ENV_VAR} may name the wrong folder")
+        raise DataUnavailable(
+            f"shared data file missing: {path} (data folder {folder}, {origin}{hint}); point {ENV_VAR} at a "
+            f"complete copy of the shared data folder, which holds {CONTENTS}"
+        )
     return path
 
 

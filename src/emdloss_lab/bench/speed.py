@@ -39,13 +39,13 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from emdloss.tree import Tree
 
+from ..errors import UsageError
 from ..experiments import runner
 from .harness import Config, loadavg, set_threads, threading_layer
 from .methods import build_tree
@@ -60,44 +60,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smaller run (< 1 min on 2 cores): fewer rounds and sizes"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and trees")
     parser.add_argument("--batch", type=int, default=256, help="batch of the ratio workloads (default 256)")
     parser.add_argument(
         "--trees",
         default="imagenet,chain1000",
         help="ratio workloads: comma list of 'imagenet' (shared data; skipped when absent), 'chainN', 'randomN'",
     )
-    parser.add_argument("--sizes", default=None, help="class counts of the scaling sweep (default 1e3,1e4,1e5,1e6)")
+    parser.add_argument(
+        "--sizes", default=None, help="class counts of the scaling sweep (default 1e3,1e4,1e5,1e6; quick to 1e5)"
+    )
     parser.add_argument("--scaling-batch", type=int, default=8, help="batch of the fixed-batch scaling series")
     parser.add_argument(
-        "--scaling-elements", type=int, default=None, help="batch x classes of the fixed-elements series"
+        "--scaling-elements",
+        type=int,
+        default=None,
+        help="batch x classes of the fixed-elements series (default 2^20, quick 2^18)",
     )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15, quick 5)")
     parser.add_argument(
-        "--min-time", type=float, default=None, help="seconds per timing, by repeating calls (default 0.01)"
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds per timing, by repeating calls (default 0.01, quick 0.005)",
     )
     parser.add_argument(
         "--no-slow", action="store_true", help="skip the OT anchors (POT emd2 / Sinkhorn; hard targets)"
     )
-    parser.add_argument("--slow-rows", type=int, default=None, help="rows the anchors run on (then extrapolated)")
-    parser.add_argument("--slow-reps", type=int, default=None, help="repetitions of each anchor")
+    parser.add_argument(
+        "--slow-rows", type=int, default=None, help="rows the anchors run on, then extrapolated (default 2, quick 1)"
+    )
+    parser.add_argument("--slow-reps", type=int, default=None, help="repetitions of each anchor (default 2, quick 1)")
     parser.add_argument(
         "--sinkhorn-iters",
         type=int,
         default=None,
         help="fixed Sinkhorn iterations of the anchors (default 100, quick 20)",
     )
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile")
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="include torch.compile (default unless --quick)",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (quick default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--memory-sizes", default=None, help="class counts of the memory probes (default 1e5,1e6)")
+    parser.add_argument(
+        "--memory-sizes", default=None, help="class counts of the memory probes (default 1e5,1e6; quick 1e5)"
+    )
     parser.add_argument(
         "--memory-elements", type=int, default=2**23, help="batch x classes of the memory probes (default 2^23: 32 MiB)"
     )
     parser.add_argument(
-        "--compile-time", dest="compile_time", action="store_true", default=None, help="measure numba JIT time"
+        "--compile-time",
+        dest="compile_time",
+        action="store_true",
+        default=None,
+        help="measure numba JIT time (default unless --quick)",
     )
-    parser.add_argument("--no-compile-time", dest="compile_time", action="store_false")
+    parser.add_argument(
+        "--no-compile-time", dest="compile_time", action="store_false", help="skip the numba JIT timing (quick default)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -130,10 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = Config.from_args(args)
     except ValueError as exc:
-        print(f"emdloss bench: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UsageError(str(exc)) from exc
+    out = runner.output_folder(args.out)
     if args.threads:
         set_threads(args.threads)
     gen = runner.seed_everything(cfg.seed)
@@ -150,8 +172,7 @@ def _run(args: argparse.Namespace) -> int:
             skipped_trees[name] = str(exc)
             print(f"emdloss bench: skipping {name}: {exc}", file=sys.stderr)
         except ValueError as exc:
-            print(f"emdloss bench: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(str(exc)) from exc
 
     workloads = [(n, t, k) for n, t in trees for k in ("hard", "soft")]
     total = (
@@ -163,7 +184,9 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress)
-    note = lambda text: bar.set_postfix_str(text[:60])
+
+    def note(text: str) -> None:
+        bar.set_postfix_str(text[:60])
 
     phases: dict[str, float] = {}
     t_phase = time.time()

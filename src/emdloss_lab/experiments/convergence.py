@@ -26,6 +26,7 @@ gradient descent (gradients that shrink near the optimum).
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ PARAMS = ("logits", "network")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser, default_seeds=3)
-    parser.add_argument("--tol", type=float, default=0.05, help="EMD tolerance, relative to the start (0.05)")
+    parser.add_argument("--tol", type=float, default=0.05,
+                        help="a run has converged when its exact EMD falls below this fraction of its start")
 
 
 def spectra_targets() -> np.ndarray:
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    t0 = time.perf_counter()
+    out = runner.output_folder(args.out)
     seeds = num_seeds(args, 3)
     quick = args.quick or args.smoke
     config = {
@@ -178,6 +181,7 @@ def _run(args: argparse.Namespace) -> int:
                 rows) + "\n")
     runner.publish(out, {"config": config, "summary": summary, "curves": curves}, text)
     _plot(curves, args.tol, out / "convergence.png")
+    runner.wrote(out, ["report.md", "results.json", "convergence.png"], time.perf_counter() - t0)
     return 0
 
 

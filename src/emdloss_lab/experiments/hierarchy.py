@@ -26,6 +26,7 @@ height of the mistakes), hierarchical distance of the top-5, mean exact EMD.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    t0 = time.perf_counter()
+    out = runner.output_folder(args.out)
     seeds = num_seeds(args, 2)
     cfg = configuration(args.quick, seeds, args.smoke)
     ckpt = runner.Checkpoint(out, cfg, resume=args.resume)
@@ -171,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
                 "(mistake severity and LCA height are over the mistakes only).\n")
     runner.publish(out, {"config": cfg, "results": results}, text)
     _plot(results, cfg["imagenet_per_class"], out / "hierarchy_imagenet_sweep.png")
+    runner.wrote(out, ["report.md", "results.json", "hierarchy_imagenet_sweep.png"], time.perf_counter() - t0)
     return 0
 
 

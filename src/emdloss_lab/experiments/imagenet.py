@@ -14,7 +14,7 @@ Models and images: with torchvision installed, ``torchvision.models.<arch>`` and
 augmentation (random-resized crop 224 + flip; resize 256 + centre crop 224 to evaluate). Without torchvision
 (PyPI's torchvision does not import beside torch 2.13.0 CPU on our machine), a small CNN of this module
 (:class:`SmallCNN`, ``--arch small-cnn``) and a minimal PIL loader (resize to ``--image-size``, random flip); the
-run says so on start. Losses: see :mod:`emdloss.experiments.training` (``ce``, ``emd``, ``relaxed``,
+run says so on start. Losses: see :mod:`emdloss_lab.experiments.training` (``ce``, ``emd``, ``relaxed``,
 ``ce+relaxed``, ``hxe``, ``soft``). The loss is computed in float32 even under autocast.
 
 Training: SGD with momentum 0.9, ``lr * global batch / 256``, cosine schedule, weight decay 1e-4; bf16/fp16
@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +41,66 @@ from torch import nn
 
 from emdloss.tree import Tree
 
+from ..errors import UsageError
 from . import runner
 from .training import LOSSES, make_loss
 
+#: what ``emdloss train-imagenet --help`` says
+DESCRIPTION = (
+    "Train on ImageNet (or any folder of images in the ImageFolder layout, with an is-a file for its classes) in "
+    "the paper's small-data regime, --per-class training images a class, with any of the losses. Needs the "
+    "images: --root DIR holding train/<wnid>/ and optionally val/<wnid>/. After every epoch it writes "
+    "OUT/last.pt and OUT/results.json (--resume continues from last.pt). Several GPUs: torchrun "
+    "--nproc_per_node N -m emdloss train-imagenet ..."
+)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+LAYOUT = "it must hold train/<wnid>/<images> (and optionally val/<wnid>/<images>), one folder a class"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Data-loading processes per training process: the CPUs available, shared among the processes torchrun
+    starts on this machine (``LOCAL_WORLD_SIZE``), at most 8 (beyond that image decoding rarely helps)."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(8, available_cpus() // per_node)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="ImageFolder root with train/<wnid>/ (and val/<wnid>/)")
-    parser.add_argument("--out", default="imagenet-run", help="output folder (checkpoints, results.json)")
-    parser.add_argument("--isa", default=None, help="is-a edge file 'PARENT CHILD' per line (WordNet)")
-    parser.add_argument("--per-class", type=int, default=50, help="training images a class (default 50; 0 = all)")
-    parser.add_argument("--loss", choices=LOSSES, default="ce")
+    positive, nonnegative = runner.positive_int, runner.nonnegative_int
+    parser.add_argument("--root", required=True,
+                        help="ImageNet folder holding train/<wnid>/<images> (and optionally val/<wnid>/<images>)")
+    parser.add_argument("--out", default="imagenet-run", help="output folder (last.pt checkpoint, results.json)")
+    parser.add_argument("--isa", default=None,
+                        help="is-a edge file, 'PARENT CHILD' wnids per line (e.g. ImageNet's wordnet.is_a.txt); "
+                             "default: the project's ImageNet-1k tree, for exactly the 1,000 ImageNet-1k classes")
+    parser.add_argument("--per-class", type=nonnegative, default=50, help="training images a class (0 = all)")
+    parser.add_argument("--loss", choices=LOSSES, default="ce", help="training loss")
     parser.add_argument("--arch", default="resnet18", help="torchvision model name, or small-cnn")
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--batch-size", type=int, default=256, help="per process")
-    parser.add_argument("--lr", type=float, default=0.1, help="for a global batch of 256 (scaled linearly)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16", help="autocast on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--epochs", type=positive, default=90, help="epochs in total")
+    parser.add_argument("--batch-size", type=positive, default=256, help="images per step and process")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="learning rate for a global batch of 256 (scaled linearly)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    parser.add_argument("--image-size", type=positive, default=224, help="side of the square input images")
+    parser.add_argument("--workers", type=nonnegative, default=default_workers(),
+                        help="data-loading processes per training process (0: load in the training process; "
+                             "default: %(default)s, the CPUs available here, at most 8)")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16", help="autocast dtype on CUDA")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsample, the data order and the weights")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, with the same options")
+    parser.add_argument("--stop-after", type=positive, default=None,
                         help="end this invocation after this many epochs in total (for time-limited jobs; "
                              "continue later with --resume)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 # ---------------------------------------------------------------------- data
@@ -187,7 +221,7 @@ def build_model(arch: str, num_classes: int) -> tuple[nn.Module, str]:
         import torchvision.models as tvm
 
         if not hasattr(tvm, arch):
-            raise ValueError(f"--arch {arch!r} is not a torchvision model")
+            raise UsageError(f"--arch {arch!r} is not a torchvision model: use a name such as resnet18, or small-cnn")
         return getattr(tvm, arch)(num_classes=num_classes), arch
     print(f"emdloss: torchvision is not importable here; using the package's SmallCNN instead of {arch!r}",
           file=sys.stderr)
@@ -198,15 +232,22 @@ def build_tree(classes: list[str], isa: str | None) -> Tree:
     if isa is not None:
         from emdloss.hierarchies import from_isa_file
 
-        if not Path(isa).exists():
-            raise FileNotFoundError(f"--isa file not found: {isa}")
-        return from_isa_file(isa, classes)
-    from ..data import imagenet_tree
+        if not Path(isa).is_file():
+            raise UsageError(f"--isa {isa}: no such file (it should list is-a edges, 'PARENT CHILD' wnids a line)")
+        try:
+            return from_isa_file(isa, classes)
+        except (ValueError, UnicodeDecodeError) as exc:  # TreeError is a ValueError
+            raise UsageError(f"--isa {isa} gives no tree over the {len(classes)} class folders: {exc}") from exc
+    from ..data import DataUnavailable, imagenet_tree
 
-    tree = imagenet_tree()
+    try:
+        tree = imagenet_tree()
+    except DataUnavailable as exc:
+        raise DataUnavailable(f"without --isa FILE the ImageNet-1k tree comes from the shared data: {exc}") from exc
     names = [tree.names[int(v)] for v in tree.classes]
     if names != classes:
-        raise ValueError("the classes are not the 1,000 ImageNet-1k wnids: pass the hierarchy with --isa FILE")
+        raise UsageError(f"the {len(classes)} class folders are not the 1,000 ImageNet-1k wnids: pass their "
+                         "hierarchy with --isa FILE")
     return tree
 
 
@@ -226,27 +267,65 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, local
 
 
+def check_root(root: Path) -> None:
+    """A :class:`UsageError` unless ``root`` holds a ``train/`` folder."""
+    if not root.is_dir():
+        raise UsageError(f"--root {root}: no such folder; {LAYOUT}")
+    if not (root / "train").is_dir():
+        raise UsageError(f"--root {root} has no train/ folder; {LAYOUT}")
+
+
+def pick_device(name: str | None, local_rank: int) -> torch.device:
+    """``--device`` (checked), else cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if not name:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
+    """Train (see the module docstring). Torch's DataLoader repeats its too-many-workers warning at every
+    loader; the run says it once instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    if args.per_class < 0 or args.epochs < 1 or args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--per-class and --workers must be >= 0, --epochs and --batch-size >= 1")
+    root = Path(args.root)
+    check_root(root)
     rank, world, local = _distributed()
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(args.device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.per_class < 0 or args.epochs < 1 or args.batch_size < 1:
-        raise ValueError("--per-class must be >= 0, --epochs and --batch-size >= 1")
-    out = Path(args.out)
-    root = Path(args.root)
-    classes, train_all = list_images(root / "train")
+    out = runner.output_folder(args.out) if rank == 0 else Path(args.out)
+    if not args.resume and (out / "last.pt").exists():
+        raise runner.CheckpointError(f"--out {out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
+                                     "it, or choose another --out")
+    try:
+        classes, train_all = list_images(root / "train")
+        val_samples: list[tuple[str, int]] = []
+        if (root / "val").is_dir():
+            val_classes, val_samples = list_images(root / "val")
+            if val_classes != classes:
+                raise ValueError(f"{root / 'val'} has other class folders than {root / 'train'}")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--root {root}: {exc}; {LAYOUT}") from exc
+    if not train_all:
+        raise UsageError(f"--root {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root / 'train'}")
     train_samples = subsample(train_all, args.per_class, args.seed)
-    val_samples: list[tuple[str, int]] = []
-    if (root / "val").is_dir():
-        val_classes, val_samples = list_images(root / "val")
-        if val_classes != classes:
-            raise ValueError(f"{root / 'val'} has other class folders than {root / 'train'}")
     tree = build_tree(classes, args.isa)
     runner.seed_everything(args.seed)  # the initial weights depend on the seed only
     model, arch = build_model(args.arch, len(classes))
@@ -256,16 +335,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         train_ds = PILImageDataset(train_samples, args.image_size, train=True, seed=args.seed)
         val_ds = PILImageDataset(val_samples, args.image_size, train=False)
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("resume", "no_progress",
-                                                                                          "workers", "device",
-                                                                                          "stop_after")}
+    ignored = ("resume", "no_progress", "workers", "device", "stop_after", "debug")
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ignored}
     config.update({"arch_used": arch, "num_classes": len(classes), "train_images": len(train_samples),
                    "val_images": len(val_samples), "world_size": world, "tree_nodes": tree.num_nodes})
-    if rank == 0:
-        print(f"emdloss train-imagenet: {len(classes)} classes, {len(train_samples)} training images "
-              f"({args.per_class or 'all'} a class), {len(val_samples)} validation images, {arch}, loss {args.loss}, "
-              f"{world} process(es) on {device}", file=sys.stderr)
-
     model.to(device)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -275,8 +348,9 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr * args.batch_size * world / 256
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (args.batch_size * world)))
+    total_steps = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps_per_epoch * args.epochs) / (steps_per_epoch * args.epochs))))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     amp = device.type == "cuda" and args.amp != "off"
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -284,16 +358,31 @@ def run(args: argparse.Namespace) -> int:
     start_epoch, history = 0, []
     ckpt_path = out / "last.pt"
     if args.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: pickle, zip and EOF errors alike
+            raise runner.CheckpointError(f"checkpoint {ckpt_path} cannot be read ({exc.__class__.__name__}: {exc}); "
+                                         "delete it to start over") from None
         if state["config"] != runner.to_jsonable(config):
-            raise runner.CheckpointError(f"{ckpt_path} belongs to a different configuration; use another --out")
+            changed = runner.config_changes(state["config"], config)
+            raise runner.CheckpointError(
+                f"--resume: {ckpt_path} belongs to a different configuration ({changed}); resume with the options "
+                "of the earlier run, or use another --out for the new ones")
         (model.module if world > 1 else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
-    elif ckpt_path.exists():
-        raise runner.CheckpointError(f"{ckpt_path} exists from an earlier run; pass --resume or choose another --out")
+
+    if rank == 0:
+        resumed = f", resuming after epoch {start_epoch}" if start_epoch else ""
+        print(f"emdloss train-imagenet: {len(classes)} classes, {len(train_samples)} training images "
+              f"({args.per_class or 'all'} a class), {len(val_samples)} validation images, {arch}, loss {args.loss}, "
+              f"{world} process(es) on {device}; writing to {os.path.join(str(out), '')}{resumed}", file=sys.stderr)
+        cpus = available_cpus()
+        if args.workers > cpus:
+            print(f"emdloss train-imagenet: note: --workers {args.workers} is more than the {cpus} CPUs available "
+                  f"here; loading may be slower than with --workers {cpus}", file=sys.stderr)
 
     sampler = (torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
                if world > 1 else None)
@@ -312,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
             persistent_workers=False)
         model.train()
         total, count = 0.0, 0
-        for x, y in runner.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=rank == 0 and not args.no_progress):
+        bar = runner.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=rank == 0 and not args.no_progress)
+        for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = model(x)
@@ -339,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
                                                      "command": runner.command_line()})
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                   file=sys.stderr)
+    if rank == 0:
+        if start_epoch >= last_epoch:
+            print(f"emdloss train-imagenet: {ckpt_path} already holds {start_epoch} epoch(s); nothing to train",
+                  file=sys.stderr)
+        else:
+            runner.wrote(out, ["last.pt", "results.json"], time.perf_counter() - t_start)
     return 0
 
 

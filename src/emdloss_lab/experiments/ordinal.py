@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    t0 = time.perf_counter()
+    out = runner.output_folder(args.out)
     seeds = num_seeds(args, 5)
     config = {
         "experiment": "ordinal",
@@ -114,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     text.append("Test split, mean ± std over seeds. Higher is better for accuracy and qwk; lower for mae and emd.\n")
     runner.publish(out, {"config": config, "results": results}, text)
     _plot(results, config["datasets"], out / "ordinal_mae.png")
+    runner.wrote(out, ["report.md", "results.json", "ordinal_mae.png"], time.perf_counter() - t0)
     return 0
 
 

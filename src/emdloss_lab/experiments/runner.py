@@ -5,10 +5,15 @@ renamed into place (``os.replace`` is atomic on POSIX). Long runs record each fi
 checkpoint; a run started again with the same output folder and configuration skips what is done and ends
 with the same results as an uninterrupted run. A checkpoint whose configuration differs, or that cannot be
 read, stops the run with :class:`CheckpointError` instead of silently starting over.
+
+Files are created with the permissions the umask gives new files (``0o666 & ~umask``, e.g. 0644 under umask
+022), as ``open`` would: the library's atomic writer starts from a private 0600 temporary file.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -18,23 +23,82 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from emdloss._atomic import atomic_path, write_text
+from emdloss import _atomic
+
+from ..errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is corrupt or belongs to another configuration."""
+class CheckpointError(UsageError, RuntimeError):
+    """A checkpoint that is corrupt or belongs to another configuration (a :class:`UsageError`: the command
+    line exits with status 2 and the message)."""
 
 
-# ---------------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------------- option types
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``low`` (argparse reports anything else as a usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+# ---------------------------------------------------------------------- output folder and atomic writes
+
+
+def output_folder(path: str | os.PathLike[str]) -> Path:
+    """``--out`` as a folder that exists (created with its parents), or a :class:`UsageError` saying why not."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: choose a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder --out {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open`` gives a new file under the current umask (``0o666 & ~umask``)."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], make_parents: bool = True) -> Iterator[Path]:
+    """:func:`emdloss._atomic.atomic_path` whose file ends with the umask's permissions instead of 0600."""
+    with _atomic.atomic_path(path, make_parents) as tmp:
+        yield tmp
+        os.chmod(tmp, _new_file_mode())
+
+
+def write_text(path: str | os.PathLike[str], text: str, make_parents: bool = True) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically, with the umask's permissions."""
+    with atomic_path(path, make_parents) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -54,7 +118,8 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (PNG unless the suffix says otherwise) and close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=kwargs.pop("dpi", 120), bbox_inches="tight", **kwargs)
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=kwargs.pop("dpi", 120), bbox_inches="tight",
+                **kwargs)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
     import matplotlib.pyplot as plt
@@ -117,6 +182,21 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def config_changes(old: Any, new: Any) -> str:
+    """What differs between two configurations, e.g. ``seeds 1 -> 2, steps 20 -> 150`` ('' if unknown)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    old, new = to_jsonable(old), to_jsonable(new)
+
+    def show(d: dict[str, Any], key: str) -> str:
+        text = json.dumps(d[key]) if key in d else "(unset)"
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = [*old, *(k for k in new if k not in old)]
+    return ", ".join(f"{k} {show(old, k)} -> {show(new, k)}" for k in keys
+                     if k not in old or k not in new or old[k] != new[k])
+
+
 def config_hash(config: dict[str, Any]) -> str:
     text = json.dumps(to_jsonable(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -133,7 +213,21 @@ def progress(iterable: Iterable[Any], desc: str, total: int | None = None, enabl
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with the cli extra
         return iterable
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+    # On a terminal the finished bar is erased; in a log (stderr not a terminal) it is left with its newline, so
+    # that what is printed next (a table) starts on a line of its own instead of after the bar's last update.
+    leave = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=leave)
+
+
+def end_progress_bars() -> None:
+    """Close any progress bar still open (an error stopped its loop), so that a message starts a fresh line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -158,10 +252,13 @@ class Checkpoint:
         self.config = to_jsonable(config)
         self.hash = config_hash(config)
         self.done: dict[str, Any] = {}
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise CheckpointError(f"--out {out_dir} is a file, not a folder: choose a folder for the results")
         if self.path.exists():
             if not resume:
                 raise CheckpointError(
-                    f"{self.path} exists from an earlier run; pass --resume to continue it, or choose another --out"
+                    f"--out {out_dir} already holds a run ({self.path}): pass --resume to continue it (or to "
+                    "report a finished one again), or choose another --out"
                 )
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -172,9 +269,11 @@ class Checkpoint:
                     "delete it to start over, or restore it"
                 ) from None
             if stored_hash != self.hash:
+                changed = config_changes(data.get("config"), self.config) if isinstance(data, dict) else ""
                 raise CheckpointError(
-                    f"checkpoint {self.path} belongs to a different configuration "
-                    f"(stored {stored_hash}, this run {self.hash}); use another --out or delete the checkpoint"
+                    f"--resume: checkpoint {self.path} belongs to a different configuration "
+                    f"({changed or f'stored {stored_hash}, this run {self.hash}'}); resume with the options of "
+                    "the earlier run, or use another --out for the new ones"
                 )
             self.done = dict(done)
 
@@ -215,6 +314,14 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def wrote(out: str | os.PathLike[str], names: Iterable[str], seconds: float | None = None) -> None:
+    """Print where a command wrote: ``wrote report.md, results.json and x.png to OUT/ in 12 s``."""
+    names = list(names)
+    listing = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    print(f"wrote {listing} to {os.path.join(str(out), '')}{took}")
 
 
 def publish(out: Path, results: dict[str, Any], sections: list[str]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -370,9 +369,9 @@ def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Measure every (problem, reg) unit and timing point (checkpointed), then write ``results.json``, the
     plots and ``report.md`` (:mod:`.sinkhorn_report`) and print a summary."""
+    t0 = time.perf_counter()
     config = make_config(args.quick, args.smoke, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = runner.output_folder(args.out)
     runner.seed_everything(args.seed)
     ckpt = runner.Checkpoint(out, config, resume=args.resume)
     probs, note = problems(config)
@@ -416,5 +415,5 @@ def run(args: argparse.Namespace) -> int:
     runner.write_json(out / "results.json", results)
     runner.write_text(out / "report.md", sinkhorn_report.report(results, plots))
     print(sinkhorn_report.summary(results))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(plots)} plots")
+    runner.wrote(out, ["report.md", "results.json", *plots], time.perf_counter() - t0)
     return 0

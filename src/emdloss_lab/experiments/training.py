@@ -25,6 +25,7 @@ from emdloss import metrics
 from emdloss.functional import emd
 from emdloss.tree import Tree
 
+from ..errors import UsageError
 from . import runner
 from .baselines import HXELoss, SoftLabelLoss
 
@@ -152,16 +153,19 @@ def add_experiment_arguments(parser: Any, default_seeds: int) -> None:
     """The options every ``emdloss experiment NAME`` shares."""
     parser.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in < 2 min")
-    parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 2)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    parser.add_argument("--seeds", type=runner.positive_int, default=None,
+                        help=f"number of seeds (default {default_seeds}; with --quick: 2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in the same --out, with the same options")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
 
 
 def num_seeds(args: Any, default_seeds: int) -> int:
     n = args.seeds if args.seeds is not None else (2 if args.quick else default_seeds)
     if n < 1:
-        raise ValueError(f"--seeds must be >= 1, got {n}")
+        raise UsageError(f"--seeds must be >= 1, got {n}")
     return int(n)
 
 
