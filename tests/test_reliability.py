@@ -149,3 +149,16 @@ def test_a_tree_first_used_inside_torch_func_works_eagerly_afterwards() -> None:
     emd(xr, y, tree, rho=2.0, backend="torch").backward()
     torch.testing.assert_close(grad, xr.grad)
     torch.func.hessian(lambda x: emd(x, y, tree, rho=2.0))(x)  # a second transform on the same tree
+
+
+def test_saved_trees_follow_the_umask(tmp_path) -> None:
+    """Atomic writes start from a private temporary file; the saved file gets what open() would give it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        Tree.chain(3).save(tmp_path / "tree.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "tree.json").st_mode) == 0o644

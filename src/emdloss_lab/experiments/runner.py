@@ -7,7 +7,7 @@ with the same results as an uninterrupted run. A checkpoint whose configuration 
 read, stops the run with :class:`CheckpointError` instead of silently starting over.
 
 Files are created with the permissions the umask gives new files (``0o666 & ~umask``, e.g. 0644 under umask
-022), as ``open`` would: the library's atomic writer starts from a private 0600 temporary file.
+022), as ``open`` would (:mod:`emdloss._atomic` sees to it).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emdloss import _atomic
+from emdloss._atomic import atomic_path, write_text
 
 from ..errors import UsageError
 
@@ -78,27 +78,6 @@ def output_folder(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise UsageError(f"cannot create the output folder --out {out}: {exc.strerror or exc}") from exc
     return out
-
-
-def _new_file_mode() -> int:
-    """The permissions ``open`` gives a new file under the current umask (``0o666 & ~umask``)."""
-    mask = os.umask(0)  # the only portable way to read the umask is to set it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], make_parents: bool = True) -> Iterator[Path]:
-    """:func:`emdloss._atomic.atomic_path` whose file ends with the umask's permissions instead of 0600."""
-    with _atomic.atomic_path(path, make_parents) as tmp:
-        yield tmp
-        os.chmod(tmp, _new_file_mode())
-
-
-def write_text(path: str | os.PathLike[str], text: str, make_parents: bool = True) -> None:
-    """Write ``text`` as UTF-8 to ``path`` atomically, with the umask's permissions."""
-    with atomic_path(path, make_parents) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
