@@ -202,3 +202,88 @@ def test_lca_height_matches_making_better_mistakes_distances():
     h = M._lca_height_tensor(tree, torch.device("cpu"))
     assert np.array_equal(h[pred, target].numpy(), np.asarray(ref)[pick])
     assert M.lca_mistake_height(pred, target, tree) == pytest.approx(np.asarray(ref)[pick].mean())
+
+
+# ------------------------------------------------------------------ regressions: precision, bad values, spatial input
+def test_mistake_severity_keeps_short_edges_below_long_ones():
+    """Two leaves 1e-8 below a node 1e9 below the root: their distance is 2e-8 (it was 0 by depth differences)."""
+    tree = Tree.from_parents([-1, 0, 1, 1], weights=[0, 1e9, 1e-8, 1e-8])
+    pred, target = torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])
+    assert M.mistake_severity(pred, target, tree) == 2e-8
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0]], dtype=torch.float64)
+    assert M.hierarchical_distance_topk(logits, target, tree, k=1) == pytest.approx(2 * 2e-8 / 3, rel=1e-12)
+    m = M.HierarchicalMetrics(tree, k=1)
+    m.update(logits, target)
+    assert m.compute()["mistake_severity"] == 2e-8
+    assert m.compute()["lca_mistake_height"] == 1.0
+
+
+BAD_LOGITS = {"nan": math.nan, "+inf": math.inf, "-inf row": -math.inf}
+LOGITS_MESSAGE = r"logits contain NaN or infinite values \(NaN, \+inf, or a row of only -inf\)"
+
+
+@pytest.mark.parametrize("bad", list(BAD_LOGITS))
+@pytest.mark.parametrize("entry", ["topk_accuracy", "hierarchical_distance_topk", "HierarchicalMetrics"])
+def test_non_finite_logits_are_named_by_every_entry_point(bad, entry):
+    """NaN or +inf logits (or a row of only -inf) are a ValueError that says so, in the functions and in the
+    accumulator (which blamed the probabilities, as if from_logits were False); topk_accuracy scored them."""
+    tree = Tree.chain(4)
+    logits = torch.zeros(3, 4)
+    if bad == "-inf row":
+        logits[1] = -math.inf
+    else:
+        logits[1, 2] = BAD_LOGITS[bad]
+    target = torch.tensor([0, 1, 2])
+    m = M.HierarchicalMetrics(tree, k=2)
+    call = {
+        "topk_accuracy": lambda: M.topk_accuracy(logits, target, 2),
+        "hierarchical_distance_topk": lambda: M.hierarchical_distance_topk(logits, target, tree, 2),
+        "HierarchicalMetrics": lambda: m.update(logits, target),
+    }[entry]
+    with pytest.raises(ValueError, match=LOGITS_MESSAGE):
+        call()
+    assert m.sums.eq(0).all()  # a rejected batch adds nothing
+
+
+def test_minus_inf_logits_and_ignored_rows_are_accepted():
+    """As for the losses (and cross_entropy): -inf is probability 0, and an ignored row is not read."""
+    tree = Tree.chain(4)
+    logits = torch.tensor([[0.0, -math.inf, 1.0, 2.0], [math.nan] * 4, [3.0, 0.0, -math.inf, 0.0]])
+    target = torch.tensor([3, -100, 0])
+    m = M.HierarchicalMetrics(tree, k=2)
+    m.update(logits, target)
+    assert m.compute()["top1"] == 1.0 and m.compute()["count"] == 2
+    assert M.topk_accuracy(logits[[0, 2]], target[[0, 2]], 1) == 1.0
+
+
+def test_non_finite_probabilities_are_named():
+    tree = Tree.chain(4)
+    probs = torch.full((2, 4), 0.25)
+    probs[0, 1] = math.nan
+    target = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="probs contain NaN or infinite values"):
+        M.emd_per_sample(probs, target, tree)
+    with pytest.raises(ValueError, match=r"probabilities \(from_logits=False\) contain NaN or infinite values"):
+        M.HierarchicalMetrics(tree, k=1, from_logits=False).update(probs, target)
+
+
+def test_spatial_inputs_count_every_position():
+    """(N, C, d1, d2) logits and (N, d1, d2) targets, classes along dim 1 as in the losses: the same as the
+    flattened rows (the accumulator raised a raw IndexError; the functions only took (N, C))."""
+    tree, logits, target = _case(5, n=2 * 3 * 4)
+    spatial = logits.reshape(2, 3, 4, -1).permute(0, 3, 1, 2)  # (N, C, 3, 4)
+    spatial_target = target.reshape(2, 3, 4).clone()
+    spatial_target[1, 2, 3] = -100
+    flat_target = spatial_target.reshape(-1)
+    m_spatial, m_flat = M.HierarchicalMetrics(tree, k=3), M.HierarchicalMetrics(tree, k=3)
+    m_spatial.update(spatial, spatial_target)
+    m_flat.update(logits, flat_target)
+    assert m_spatial.compute() == m_flat.compute() and m_spatial.compute()["count"] == 23
+    assert M.topk_accuracy(spatial, target.reshape(2, 3, 4), 2) == M.topk_accuracy(logits, target, 2)
+    assert M.hierarchical_distance_topk(spatial, target.reshape(2, 3, 4), tree, 2) == pytest.approx(
+        M.hierarchical_distance_topk(logits, target, tree, 2), rel=1e-12
+    )
+    with pytest.raises(ValueError, match=r"target must have shape \(N, d1, ..., dk\) = \(2, 3, 4\)"):
+        m_spatial.update(spatial, target)
+    with pytest.raises(ValueError, match=r"logits must have shape \(N, C\) or \(N, C, d1, ..., dk\)"):
+        M.topk_accuracy(torch.zeros(4), torch.zeros(4, dtype=torch.long))

@@ -102,13 +102,18 @@ class EMDLoss(nn.Module):
         return {"tree": self.tree.to_dict(), "rho": self.rho}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        from .tree import _describe_difference
+
+        if not isinstance(state, dict) or "tree" not in state:
+            raise ValueError(f"EMDLoss extra state must be a dict with a 'tree' entry, got {type(state).__name__}")
         loaded = Tree.from_dict(state["tree"])
         if loaded != self.tree:
             raise ValueError(
-                "state_dict holds a different tree than this EMDLoss "
-                f"({loaded!r} vs {self.tree!r}); build the loss with the saved tree: Tree.from_dict(state['tree'])"
+                "state_dict holds a different tree than this EMDLoss: the trees differ in "
+                f"{_describe_difference(self.tree, loaded, 'here', 'in the state_dict')}; "
+                "build the loss with the saved tree: Tree.from_dict(state_dict[prefix + '_extra_state']['tree'])"
             )
-        self.rho = float(state.get("rho", self.rho))
+        self.rho = _inputs.check_rho(state.get("rho", self.rho))  # the constructor's check and message
 
     def extra_repr(self) -> str:
         return (

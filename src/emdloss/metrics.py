@@ -49,7 +49,8 @@ __all__ = [
 def _distance_tensor(tree: Tree, device: torch.device) -> Tensor:
     """(C, C) float64 tree distances between classes on ``device`` (cached on the tree)."""
     return tree.cached(
-        ("metrics.dist", str(device)), lambda: torch.from_numpy(np.array(tree.distance_matrix(), dtype=np.float64)).to(device)
+        ("metrics.dist", str(device)),
+        lambda: torch.from_numpy(np.array(tree.distance_matrix(), dtype=np.float64)).to(device),
     )
 
 
@@ -96,20 +97,56 @@ def _check_pair(pred: Tensor, target: Tensor, num_classes: int | None) -> tuple[
     return p, t
 
 
-def _check_logits(logits: Tensor, target: Tensor, k: int, num_classes: int | None = None) -> Tensor:
-    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError("logits must be a floating torch.Tensor of shape (N, C)")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
-    c = logits.shape[1]
+def _rows(scores: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """(N, C) or (N, C, d1, ..., dk) scores and (N,) or (N, d1, ..., dk) class indices -> (M, C) rows and (M,)
+    targets, with the classes along dim 1 as in the losses. Shapes only; :func:`_check_rows` checks values."""
+    if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating torch.Tensor of shape (N, C) or (N, C, d1, ..., dk)")
+    if scores.dim() < 2:
+        raise ValueError(f"{what} must have shape (N, C) or (N, C, d1, ..., dk), got {tuple(scores.shape)}")
+    t = _check_indices(target, "target")
+    n, c = scores.shape[0], scores.shape[1]
+    if scores.dim() == 2:
+        if t.numel() != n:
+            raise ValueError(f"target must have N = {n} entries, got {t.numel()}")
+        return scores, t
+    expected = (n, *scores.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target must have shape (N, d1, ..., dk) = {expected} for {what} of shape {tuple(scores.shape)} "
+            f"(classes along dim 1), got {tuple(target.shape)}"
+        )
+    return scores.movedim(1, -1).reshape(-1, c), t
+
+
+def _check_rows(x: Tensor, t: Tensor, k: int, num_classes: int | None, what: str, logits: bool = True) -> None:
+    """Rows ``x`` (M, C) and targets ``t`` (M,) from :func:`_rows`: class count, ``k``, class range, finite values."""
+    c = x.shape[1]
     if num_classes is not None and c != num_classes:
-        raise ValueError(f"logits has {c} classes but the tree has {num_classes}")
+        raise ValueError(f"{what} has {c} classes but the tree has {num_classes}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c:
         raise ValueError(f"k must be an integer in [1, {c}], got {k!r}")
-    t = _check_indices(target, "target", c)
-    if t.numel() != logits.shape[0]:
-        raise ValueError(f"target must have N = {logits.shape[0]} entries, got {t.numel()}")
-    return t
+    _check_indices(t, "target", c)
+    _check_finite(x, what, logits)
+
+
+def _check_finite(x: Tensor, what: str, logits: bool = True) -> None:
+    """No NaN or infinity in ``x`` (classes along dim 1). Logits may hold -inf (probability 0, as for the losses
+    and ``cross_entropy``), but not NaN, +inf or a row of only -inf: such a row has no softmax and no ranking."""
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x.amax(dim=1)).all() if logits else torch.isfinite(x).all()
+    if not bool(finite):
+        detail = " (NaN, +inf, or a row of only -inf)" if logits else ""
+        raise ValueError(f"{what} contain NaN or infinite values{detail}")
+
+
+def _check_logits(
+    logits: Tensor, target: Tensor, k: int, num_classes: int | None = None, what: str = "logits"
+) -> tuple[Tensor, Tensor]:
+    x, t = _rows(logits, target, what)
+    _check_rows(x, t, k, num_classes, what)
+    return x, t
 
 
 # ---------------------------------------------------------------------- functional metrics
@@ -118,9 +155,11 @@ def _check_logits(logits: Tensor, target: Tensor, k: int, num_classes: int | Non
 def topk_accuracy(logits: Tensor, target: Tensor, k: int = 1) -> float:
     """Fraction of rows of ``logits`` (N, C) whose ``target`` (N,) is among the ``k`` largest entries.
 
-    Ties are broken by ``torch.topk`` (lower index first on the CPU). NaN for an empty batch.
+    Spatial inputs (N, C, d1, ..., dk) with targets (N, d1, ..., dk) count every position. Ties are broken by
+    ``torch.topk`` (lower index first on the CPU). NaN for an empty batch; NaN, +inf or a row of only -inf in
+    ``logits`` is a ValueError.
     """
-    t = _check_logits(logits, target, k)
+    logits, t = _check_logits(logits, target, k)
     if t.numel() == 0:
         return math.nan
     top = logits.topk(k, dim=1).indices
@@ -162,10 +201,11 @@ def hierarchical_distance_topk(logits: Tensor, target: Tensor, tree: Tree, k: in
     """Mean over samples and over the ``k`` highest-scoring classes of their tree distance to the target.
 
     ``mean_i (1/k) sum_{j in topk(logits_i)} D[j, target_i]`` (Bertinetto et al.'s "average hierarchical
-    distance@k"); a correct prediction contributes 0. NaN for an empty batch.
+    distance@k"); a correct prediction contributes 0. Spatial inputs as in :func:`topk_accuracy`. NaN for an
+    empty batch.
     """
     _check_tree(tree)
-    t = _check_logits(logits, target, k, tree.num_classes)
+    logits, t = _check_logits(logits, target, k, tree.num_classes)
     if t.numel() == 0:
         return math.nan
     top = logits.topk(k, dim=1).indices
@@ -182,6 +222,8 @@ def emd_per_sample(probs: Tensor, target: Tensor, tree: Tree) -> Tensor:
     from .functional import emd
 
     _check_tree(tree)
+    if isinstance(probs, Tensor) and probs.dtype.is_floating_point:
+        _check_finite(probs, "probs", logits=False)  # on every device, as the other metrics
     with torch.no_grad():
         return emd(probs, target, tree, rho=1.0, from_logits=False, reduction="none")
 
@@ -280,11 +322,13 @@ class HierarchicalMetrics:
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add a batch: ``logits`` (N, C) (probabilities if ``from_logits=False``), ``target`` (N,) indices."""
-        t = _check_indices(target, "target")
+        """Add a batch: ``logits`` (N, C) or (N, C, d1, ..., dk) (probabilities if ``from_logits=False``),
+        ``target`` (N,) or (N, d1, ..., dk) class indices. Every position of a spatial input is one sample."""
+        what = "logits" if self.from_logits else "probabilities (from_logits=False)"
+        logits, t = _rows(logits, target, what)
         keep = t != self.ignore_index
         logits, t = logits[keep], t[keep]
-        _check_logits(logits, t, self.k, self.tree.num_classes)
+        _check_rows(logits, t, self.k, self.tree.num_classes, what, logits=self.from_logits)
         if logits.device != self.device:
             self.to(logits.device)
         if t.numel() == 0:

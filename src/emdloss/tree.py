@@ -74,21 +74,8 @@ class Tree:
             :func:`emdloss.functional.flows` is the edge from ``edge_nodes[j]`` to its parent.
     """
 
-    __slots__ = (
-        "parents",
-        "weights",
-        "classes",
-        "names",
-        "root",
-        "preorder",
-        "position",
-        "subtree_end",
-        "edge_nodes",
-        "_depth",
-        "_is_chain",
-        "_hash",
-        "_derived",
-    )
+    __slots__ = ("parents", "weights", "classes", "names", "root", "preorder", "position", "subtree_end",
+                 "edge_nodes", "_depth", "_is_chain", "_hash", "_derived")
 
     def __init__(
         self,
@@ -105,7 +92,8 @@ class Tree:
         if bad.size:
             i = int(bad[0])
             raise TreeError(
-                f"parents[{i}] = {int(parents_arr[i])} is out of range: parents must be -1 (root) or a node id in [0, {n})"
+                f"parents[{i}] = {int(parents_arr[i])} is out of range: "
+                f"parents must be -1 (root) or a node id in [0, {n})"
             )
         self_loops = np.flatnonzero(parents_arr == np.arange(n))
         if self_loops.size:
@@ -115,7 +103,8 @@ class Tree:
             raise TreeError("no root: exactly one node must have parent -1 (the hierarchy has a cycle or no top)")
         if roots.size > 1:
             shown = ", ".join(str(int(r)) for r in roots[:5])
-            raise TreeError(f"several roots: {roots.size} nodes have parent -1 ({shown}{', ...' if roots.size > 5 else ''})")
+            more = ", ..." if roots.size > 5 else ""
+            raise TreeError(f"several roots: {roots.size} nodes have parent -1 ({shown}{more})")
         root = int(roots[0])
 
         if weights is None:
@@ -147,6 +136,7 @@ class Tree:
             for i, name in enumerate(names_t):
                 if not isinstance(name, str):
                     raise TreeError(f"names[{i}] must be a str, got {type(name).__name__}")
+            _check_encodable(names_t)
             if len(set(names_t)) != n:
                 seen: set[str] = set()
                 for name in names_t:
@@ -186,33 +176,19 @@ class Tree:
             if uniq.size != classes_arr.size:
                 raise TreeError(f"classes are repeated: node {int(uniq[counts > 1][0])} appears more than once")
 
-        depth = np.zeros(n, dtype=np.float64)  # weighted depth, filled in pre-order (parent first)
-        pre_parent = parents_arr[preorder[1:]]
-        for_w = weights_arr[preorder[1:]]
-        # depth[v] = depth[parent] + w[v]; in pre-order the parent is always visited first.
-        _fill_depth(depth, preorder, pre_parent, for_w)
+        depth = np.zeros(n, dtype=np.float64)  # weighted: depth[v] = depth[parent] + w[v], in pre-order (parent first)
+        _fill_depth(depth, preorder, parents_arr[preorder[1:]], weights_arr[preorder[1:]])
 
-        for name, arr in (
-            ("parents", parents_arr),
-            ("weights", weights_arr),
-            ("classes", classes_arr),
-            ("preorder", preorder),
-            ("position", position),
-            ("subtree_end", subtree_end),
-            ("_depth", depth),
-        ):
+        edge_nodes = np.flatnonzero(parents_arr >= 0).astype(np.int64)
+        arrays = dict(parents=parents_arr, weights=weights_arr, classes=classes_arr, preorder=preorder,
+                      position=position, subtree_end=subtree_end, edge_nodes=edge_nodes, _depth=depth)
+        for name, arr in arrays.items():
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
-        edge_nodes = np.flatnonzero(parents_arr >= 0).astype(np.int64)
-        edge_nodes.setflags(write=False)
-        object.__setattr__(self, "edge_nodes", edge_nodes)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "root", root)
-        object.__setattr__(
-            self,
-            "_is_chain",
-            bool(classes_arr.size == n and np.array_equal(classes_arr, preorder) and np.all(subtree_end == n)),
-        )
+        is_chain = classes_arr.size == n and np.array_equal(classes_arr, preorder) and np.all(subtree_end == n)
+        object.__setattr__(self, "_is_chain", bool(is_chain))
         object.__setattr__(self, "_hash", None)
         object.__setattr__(self, "_derived", {})  # see cached(); never part of equality
 
@@ -270,7 +246,14 @@ class Tree:
         n = len(ids)
         parents = np.full(n, -1, dtype=np.int64)
         w = np.ones(n, dtype=np.float64)
-        if weights is not None and not isinstance(weights, Mapping):
+        if isinstance(weights, Mapping):
+            edge_set = set(edge_list)
+            for key in weights:
+                if key not in edge_set:
+                    flipped = isinstance(key, tuple) and len(key) == 2 and (key[1], key[0]) in edge_set
+                    fix = f", reversed: use {(key[1], key[0])!r}" if flipped else ""
+                    raise TreeError(f"weights has a key that is not an edge: {key!r}{fix}; keys are (parent, child)")
+        elif weights is not None:
             weights = list(weights)
             if len(weights) != len(edge_list):
                 raise TreeError(f"weights must have one entry per edge ({len(edge_list)}), got {len(weights)}")
@@ -350,12 +333,13 @@ class Tree:
     def distance_matrix(self) -> np.ndarray:
         """(num_classes, num_classes) float64 tree metric: the length of the path between two classes.
 
-        Computed as ``depth[a] + depth[b] - 2 * depth[lca(a, b)]``, where the shared depth is the
-        weight of the edges above both classes. Cost O(C^2 * depth) time, O(C^2) memory; cached.
+        Each distance is the sum of the edge lengths along the path, never a difference of depths, so a long edge
+        above short ones does not cancel them (relative error below ``hops * 2**-53``). O(C^2) time and memory
+        whatever the depth (plus a pass over the nodes above classes); cached.
         """
 
         def build() -> np.ndarray:
-            d = _class_distances(self)
+            d = _class_pairs(self)
             d.setflags(write=False)
             return d
 
@@ -371,8 +355,9 @@ class Tree:
         return found
 
     def lca_depth(self, hops: bool = True) -> np.ndarray:
-        """(C, C) depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted)."""
-        return _class_shared_depth(self, weighted=not hops)
+        """(C, C) float64 depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted;
+        the diagonal holds each class's own depth). O(C^2) time and memory; a new array on each call."""
+        return _class_pairs(self, lca_value=self.depth(hops=hops))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -428,12 +413,7 @@ class Tree:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tree):
             return NotImplemented
-        return (
-            np.array_equal(self.parents, other.parents)
-            and np.array_equal(self.weights, other.weights)
-            and np.array_equal(self.classes, other.classes)
-            and self.names == other.names
-        )
+        return not _describe_difference(self, other, "here", "there")  # equal exactly when nothing differs
 
     def __hash__(self) -> int:
         if self._hash is None:
@@ -454,6 +434,46 @@ class Tree:
 
 def _reject_constant(name: str) -> float:
     raise TreeError(f"tree JSON contains {name}, which is not a valid weight")
+
+
+def _check_encodable(names: tuple[str, ...]) -> None:
+    """No lone surrogates (code points U+D800..U+DFFF): :meth:`Tree.save` must be able to write names as UTF-8."""
+    try:
+        "".join(names).encode("utf-8")
+    except UnicodeEncodeError:
+        i, bad = next((i, ch) for i, name in enumerate(names) for ch in name if "\ud800" <= ch <= "\udfff")
+        raise TreeError(
+            f"names[{i}] = {names[i]!r} (node {i}) is not valid Unicode text: it holds a lone surrogate {bad!r}, "
+            "which cannot be saved as UTF-8"
+        ) from None
+
+
+def _describe_difference(mine: Tree, other: Tree, here: str, there: str) -> str:
+    """What differs between two trees, aspect by aspect, each with its first difference (empty if they are equal):
+    ``"names: node 3 is 'b' here and 'x' in the state_dict"``."""
+    if mine.num_nodes != other.num_nodes:
+        return f"structure: {mine.num_nodes} nodes {here} and {other.num_nodes} {there}"
+
+    def node(tree: Tree, v: int) -> str:
+        return f"node {v} ({tree.names[v]!r})" if tree.names is not None else f"node {v}"
+
+    parts = []
+    for aspect, subject, a, b in (
+        ("structure", "the parent of node {}", mine.parents, other.parents),
+        ("classes", "class {}", mine.classes, other.classes),
+        ("weights", "the edge above node {}", mine.weights, other.weights),
+    ):
+        if a.shape != b.shape:
+            parts.append(f"{aspect}: {a.size} {aspect} {here} and {b.size} {there}")
+        elif (a != b).any():
+            i = int(np.flatnonzero(a != b)[0])
+            x, y = (node(mine, a[i]), node(other, b[i])) if aspect == "classes" else (a[i].item(), b[i].item())
+            parts.append(f"{aspect}: {subject.format(i)} is {x!s} {here} and {y!s} {there}")
+    if mine.names != other.names:  # None for a tree without names
+        none = (None,) * mine.num_nodes
+        i, x, y = next((i, x, y) for i, (x, y) in enumerate(zip(mine.names or none, other.names or none)) if x != y)
+        parts.append(f"names: node {i} is {x!r} {here} and {y!r} {there}")
+    return "; and in ".join(parts)
 
 
 def _dfs_preorder(parents: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
@@ -516,40 +536,63 @@ def _find_cycle(parents: np.ndarray, start: int) -> list[int]:
     return [] if v == -1 else path[seen[v] :]
 
 
-def _class_shared_depth(tree: Tree, weighted: bool) -> np.ndarray:
-    """(C, C) depth of the lowest common ancestor of every pair of classes (weighted or in hops).
+def _class_pairs(tree: Tree, lca_value: np.ndarray | None = None) -> np.ndarray:
+    """(C, C) float64 over all pairs of classes: the length of the path between them, or with ``lca_value``
+    (num_nodes,) the value at their lowest common ancestor (each class's own value on the diagonal).
 
-    For class a, walk its ancestors from the root down and paint each ancestor's DFS range with that
-    ancestor's depth: deeper ancestors overwrite shallower ones, so every position ends up holding the
-    depth of its LCA with a. Cost O(sum over classes of the ranges painted) <= O(C * depth * nodes), in
-    practice O(C * nodes).
-    """
-    n = tree.num_nodes
-    depth = tree.depth(hops=not weighted)
-    pos = tree.position
-    end = tree.subtree_end
-    class_pos = pos[tree.classes]
-    out = np.empty((tree.num_classes, tree.num_classes), dtype=np.float64)
-    painted = np.empty(n, dtype=np.float64)
-    parents = tree.parents
-    for k, a in enumerate(tree.classes.tolist()):
-        path = []
-        v = a
-        while v != -1:
-            path.append(v)
-            v = int(parents[v])
-        painted.fill(0.0)
-        for v in reversed(path):
-            lo = pos[v]
-            painted[lo : end[lo]] = depth[v]
-        out[k] = painted[class_pos]
-    return out
+    Lengths are sums of edge lengths, never differences of depths (``depth a + depth b - 2 depth lca`` cancels
+    short edges below a long one). Sorted by DFS position, the classes under a node fill a range of slots. Going up
+    the nodes where two class-holding subtrees meet and the classes, ``down[s]`` is the path length from slot ``s``
+    to the current node, which writes the pairs whose LCA it is in blocks: O(C^2) whatever the depth."""
+    n, c = tree.num_nodes, tree.num_classes
+    pre, class_pos = tree.preorder, tree.position[tree.classes]
+    order = np.argsort(class_pos)  # slot s holds class order[s]
+    sorted_pos = class_pos[order]
+    lo = np.searchsorted(sorted_pos, np.arange(n))  # slots [lo, hi) hold the classes below DFS position p
+    hi = np.searchsorted(sorted_pos, tree.subtree_end)
+    holding = np.flatnonzero(hi > lo)  # in pre-order, from the root
+    par_pos = tree.position[tree.parents[pre[holding[1:]]]]
+    key = np.bincount(par_pos, minlength=n) >= 2  # two class-holding subtrees meet there
+    key[sorted_pos] = True
+    key_l, kpar, up = key.tolist(), [-1] * n, [0.0] * n  # up[p]: path length from p to its key ancestor kpar[p]
+    for p, q, w in zip(holding[1:].tolist(), par_pos.tolist(), tree.weights[pre[holding[1:]]].tolist()):
+        kpar[p], up[p] = (q, w) if key_l[q] else (kpar[q], w + up[q])
+    keys = holding[key[holding]].tolist()
+    kids: dict[int, list[int]] = {}
+    for p in keys:  # in pre-order, so each list is in increasing slots
+        kids.setdefault(kpar[p], []).append(p)
+    lo_l, hi_l = lo.tolist(), hi.tolist()
+    out = np.empty((c, c))
+    down = np.zeros(c)  # a key node with one class below is that class: it starts at its distance to its parent
+    single = [p for p in keys if hi_l[p] - lo_l[p] == 1]
+    down[lo[single]] = [up[p] for p in single]
+    value = None if lca_value is None else np.asarray(lca_value, dtype=np.float64)[pre].tolist()
 
+    def pairs(rows: slice, cols: slice, v: int) -> None:
+        if value is None:
+            np.add(down[rows, None], down[None, cols], out=out[rows, cols])
+        else:
+            out[rows, cols] = value[v]
 
-def _class_distances(tree: Tree) -> np.ndarray:
-    shared = _class_shared_depth(tree, weighted=True)
-    depth = tree.depth()[tree.classes]
-    d = depth[:, None] + depth[None, :] - 2.0 * shared
-    np.maximum(d, 0.0, out=d)  # clean -0 and rounding
-    np.fill_diagonal(d, 0.0)
-    return d
+    for v in reversed(keys):
+        first, parts = lo_l[v], []  # first: the node's own slot if it is a class, else its first child's
+        for u in kids.get(v, ()):
+            a, b = lo_l[u], hi_l[u]
+            if b - a > 1:
+                down[a:b] += up[u]
+                parts.append([a, b, False])
+            elif parts and parts[-1][2]:
+                parts[-1][1] = b  # adjacent one-class children make one run, whose pairs all meet at v
+            else:
+                parts.append([a, b, True])
+        for a, b, run in parts:
+            if run and b - a > 1:
+                pairs(slice(a, b), slice(a, b), v)
+            if a > first:
+                pairs(slice(a, b), slice(first, a), v)
+                pairs(slice(first, a), slice(a, b), v)
+    out[np.arange(c), np.arange(c)] = 0.0 if value is None else np.asarray(value)[sorted_pos]
+    if np.array_equal(order, np.arange(c)):
+        return out
+    slot = np.argsort(order)  # the slot of each class
+    return out.take(slot, axis=0).take(slot, axis=1, out=out)
