@@ -23,10 +23,8 @@ def reduce_rows(loss: Tensor, batch: Batch) -> Tensor:
     dtype = loss.dtype
     half = dtype in (torch.float16, torch.bfloat16)
     count = batch.num_kept
-    if batch.reduction == "mean" and batch.keep is None and not half:
-        value = loss.mean()  # every row counts: one op (and one autograd node) instead of a sum and a division
-        check_finite_loss(loss, batch, value)
-        return value
+    # a sum, then a division: the sum's backward sends every row one expanded value (stride 0), which the
+    # fused backend recognises without reading it (torch.mean's backward materialises M copies)
     total = loss.sum(dtype=torch.float32) if half else loss.sum()
     check_finite_loss(loss, batch, total)
     if batch.reduction == "sum":

@@ -56,7 +56,8 @@ class _FusedEMDFunction(torch.autograd.Function):
                 "differentiate it"
             )
         (grad,) = ctx.saved_tensors
-        if grad_out.numel() and grad_out.stride(0) == 0:  # one value for every row: "mean" and "sum" send this
+        uniform = grad_out.numel() and (grad_out.stride(0) == 0 or bool(grad_out.amin() == grad_out.amax()))
+        if uniform:  # one value for every row: "mean" and "sum" send this, expanded
             factor = grad_out.detach().as_strided((), ()).item() / ctx.row_weight  # its one value
             gx = grad if factor == 1.0 else grad * factor  # (autograd never writes into what backward returns)
         else:
