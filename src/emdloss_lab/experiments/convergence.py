@@ -38,7 +38,7 @@ from emdloss.tree import Tree
 
 from ..data import data_file, tiered_imagenet_tree
 from . import runner
-from .training import add_experiment_arguments, mlp, num_seeds, small_model_cpu
+from .training import add_experiment_arguments, mlp, num_seeds, on_small_model_cpu
 
 LOSSES = ("emd", "rho1.5", "rho2", "sinkhorn", "mse", "kl")
 LABELS = {"emd": "EMD rho=1", "rho1.5": "relaxed rho=1.5", "rho2": "relaxed rho=2", "sinkhorn": "Sinkhorn",
@@ -131,12 +131,8 @@ def steps_to(curve: list[float], tol: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
+@on_small_model_cpu
 def run(args: argparse.Namespace) -> int:
-    with small_model_cpu():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = runner.output_folder(args.out)
     seeds = num_seeds(args, 3)

@@ -37,7 +37,7 @@ from .training import (
     loss_table,
     make_loss,
     mlp,
-    small_model_cpu,
+    on_small_model_cpu,
     standardize,
     summarize,
     train,
@@ -140,12 +140,8 @@ TASKS = {
 }
 
 
+@on_small_model_cpu
 def run(args: argparse.Namespace) -> int:
-    with small_model_cpu():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = runner.output_folder(args.out)
     again = " (replacing the results there)" if (out / "results.json").exists() else ""

@@ -43,7 +43,7 @@ from .training import (
     make_loss,
     mlp,
     num_seeds,
-    small_model_cpu,
+    on_small_model_cpu,
     summarize,
     train,
     tree_metrics,
@@ -133,12 +133,8 @@ def configuration(quick: bool, seeds: int, smoke: bool = False) -> dict[str, Any
     }
 
 
+@on_small_model_cpu
 def run(args: argparse.Namespace) -> int:
-    with small_model_cpu():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = runner.output_folder(args.out)
     seeds = num_seeds(args, 2)

@@ -33,7 +33,7 @@ from .training import (
     make_loss,
     mlp,
     num_seeds,
-    small_model_cpu,
+    on_small_model_cpu,
     standardize,
     summarize,
     train,
@@ -85,12 +85,8 @@ def run_unit(name: str, loss: str, seed: int, steps: int) -> dict[str, float]:
         return chain_metrics(model(xte), yte, tree)
 
 
+@on_small_model_cpu
 def run(args: argparse.Namespace) -> int:
-    with small_model_cpu():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = runner.output_folder(args.out)
     seeds = num_seeds(args, 5)

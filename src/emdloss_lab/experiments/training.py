@@ -12,7 +12,9 @@ Losses by name (all on logits (N, C) and class indices (N,)):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -184,3 +186,14 @@ def small_model_cpu() -> Iterator[None]:
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
+
+
+def on_small_model_cpu(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """An experiment's ``run`` under :func:`small_model_cpu`."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        with small_model_cpu():
+            return run(args)
+
+    return wrapped
