@@ -43,6 +43,7 @@ def _done(out) -> int:
         return 0
 
 
+@pytest.mark.slow  # 16 s: a real run killed with SIGKILL and resumed; the default suite keeps the quicker checks
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
