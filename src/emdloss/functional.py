@@ -9,7 +9,6 @@ Shapes follow ``torch.nn.functional.cross_entropy``: ``input`` is (N, C) or (N, 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _inputs, backends
@@ -63,8 +62,6 @@ def emd(
         raise TypeError(f"tree must be an emdloss.Tree, got {type(tree).__name__}")
     rho = _inputs.check_rho(rho)
     backends.check_name(backend)
-    if isinstance(input, Tensor) and not torch.compiler.is_compiling():  # (a tree-only check: once, eagerly)
-        _inputs.check_loss_scale(backends.loss_weight_sum(tree), input.dtype, rho)
     batch = _inputs.normalise(
         input, target, tree.num_classes, from_logits=from_logits, ignore_index=ignore_index, validate=validate,
         reduction=reduction,

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
-from .._inputs import Batch
+from .._inputs import Batch, check_loss_scale
 from ..tree import Tree
 from .base import Backend, BackendUnusable, BackendWarning, loss_weights
 from .fused_cpu import FusedCPUBackend
@@ -71,7 +72,10 @@ def select(name: str, batch: Batch) -> Backend:
 
 def row_losses(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:
     """(M,) per-row losses from the backend :func:`select` picks; under "auto", a backend that turns out to be
-    unusable while running (it warns once) hands the call to the next one."""
+    unusable while running (it warns once) hands the call to the next one. First, whatever the backend: the
+    tree's edge lengths must not overflow the compute dtype (:func:`emdloss._inputs.check_loss_scale`)."""
+    if not torch.compiler.is_compiling():  # a property of the tree and the dtype: checked eagerly only
+        check_loss_scale(loss_weight_sum(tree), batch.x.dtype, rho)
     while True:
         backend = select(name, batch)
         try:
