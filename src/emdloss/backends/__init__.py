@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._inputs import Batch, check_loss_scale
 from ..tree import Tree
-from .base import Backend, BackendUnusable, BackendWarning, loss_weights
+from .base import Backend, BackendUnusable, BackendWarning, loss_weight_sum, loss_weights
 from .fused_cpu import FusedCPUBackend
 from .reference import ReferenceBackend
 
@@ -30,11 +30,6 @@ ENV_VAR = "EMDLOSS_BACKEND"
 
 #: In the order ``"auto"`` tries them.
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (FusedCPUBackend(), ReferenceBackend())}
-
-
-def loss_weight_sum(tree: Tree) -> float:
-    """The sum of the tree's edge lengths as the loss weighs them (a bound on any row's loss), cached."""
-    return tree.cached("loss_weight_sum", lambda: float(loss_weights(tree).sum()))
 
 
 def names() -> tuple[str, ...]:

@@ -70,3 +70,8 @@ def loss_weights(tree: Tree) -> np.ndarray:
         return weights
 
     return tree.cached("loss_weights", build)
+
+
+def loss_weight_sum(tree: Tree) -> float:
+    """The sum of :func:`loss_weights`: a bound on any row's loss (flows are at most 1 in magnitude), cached."""
+    return tree.cached("loss_weight_sum", lambda: float(loss_weights(tree).sum()))

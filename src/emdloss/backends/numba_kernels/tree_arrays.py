@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...tree import Tree
+from ...tree import Tree, _fill_depth
 from ..base import loss_weights
 
 #: Rows the lane kernels sweep together, and the multiple the class arrays are padded to.
@@ -88,13 +88,12 @@ def distance_rows(tree: Tree, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     (:func:`~emdloss.backends.base.loss_weights`: the edges above every class weigh 0), in ``dtype``, cached."""
 
     def build() -> tuple[np.ndarray, np.ndarray]:
-        weights = loss_weights(tree).tolist()
-        depth = [0.0] * tree.num_nodes
-        for v in tree.preorder[1:].tolist():  # parents first; a sum along each path, no cancellation
-            depth[v] = depth[int(tree.parents[v])] + weights[v]
+        below = tree.preorder[1:]
+        depth = np.zeros(tree.num_nodes)
+        _fill_depth(depth, tree.preorder, tree.parents[below], loss_weights(tree)[below])  # sums along paths
         return (
             np.ascontiguousarray(tree.distance_matrix(), dtype=dtype),
-            np.ascontiguousarray(np.asarray(depth)[tree.classes], dtype=dtype),
+            np.ascontiguousarray(depth[tree.classes], dtype=dtype),
         )
 
     return tree.cached(("numba_distance", np.dtype(dtype).str), build)
