@@ -11,11 +11,18 @@ from emdloss_lab import synthetic
 from emdloss_lab.data import DataUnavailable, shared_data_dir
 
 
-def random_tree(rng: np.random.Generator, num_nodes: int, *, shape: str = "recursive", internal_classes: bool = False) -> Tree:
+def random_tree(
+    rng: np.random.Generator, num_nodes: int, *, shape: str = "recursive", internal_classes: bool = False
+) -> Tree:
     """The lab's random tree with the tests' choices: edge lengths in [0.1, 3] with one of length 0, node ids
     in no order, classes in random output order (leaves, plus half the internal nodes if asked)."""
     return synthetic.random_tree(
-        rng, num_nodes, shape=shape, weight_range=(0.1, 3.0), zero_edge=True, shuffle_ids=True,
+        rng,
+        num_nodes,
+        shape=shape,
+        weight_range=(0.1, 3.0),
+        zero_edge=True,
+        shuffle_ids=True,
         internal_classes=internal_classes,
     )
 

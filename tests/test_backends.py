@@ -360,7 +360,11 @@ def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
     if kind == "chain":
         tree = Tree.chain(n_cls, spacing=rng.uniform(0.2, 2.0, n_cls - 1))
     else:  # n_cls leaves under a random tree of internal nodes
-        tree = next(t for t in (random_tree(rng, 2 * n_cls + 1, shape="recursive") for _ in range(1000)) if t.num_classes == n_cls)
+        tree = next(
+            t
+            for t in (random_tree(rng, 2 * n_cls + 1, shape="recursive") for _ in range(1000))
+            if t.num_classes == n_cls
+        )
     for target in ("hard", "soft"):
         for rho in (1.5, 2.0):
             assert_backends_agree(tree, target, rho, True, torch.float32)
@@ -472,7 +476,12 @@ def test_row_maximum_through_the_integers(dtype):
         return row_max(row)
 
     rng = np.random.default_rng(0)
-    for row in (rng.normal(size=1001), -rng.uniform(0.1, 5.0, size=17), np.array([-np.inf, -3.0, -np.inf]), np.zeros(1)):
+    for row in (
+        rng.normal(size=1001),
+        -rng.uniform(0.1, 5.0, size=17),
+        np.array([-np.inf, -3.0, -np.inf]),
+        np.zeros(1),
+    ):
         row = row.astype(dtype)
         assert apply(row) == row.max()
     assert np.isnan(apply(np.array([1.0, np.nan, 2.0], dtype=dtype)))
@@ -515,5 +524,7 @@ for tree in (Tree.chain(29), Tree.from_parents(np.r_[-1, rng.integers(0, np.aran
 print("ok")
 """
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

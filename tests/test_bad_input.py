@@ -36,10 +36,32 @@ def soft(n: int = 4) -> torch.Tensor:
         (lambda: (logits(), torch.tensor([0, -1, 2, 0])), ValueError, "class index -1"),
         (lambda: (logits(), -soft()), ValueError, "target has negative entries"),
         (lambda: (logits(), soft() * 1.1), ValueError, "target rows must sum to 1"),
-        (lambda: (logits(), soft().masked_fill(torch.eye(4, C, dtype=torch.bool), float("nan"))), ValueError, "target contains NaN"),
-        (lambda: (logits().masked_fill(torch.eye(4, C, dtype=torch.bool), float("nan")), torch.zeros(4, dtype=torch.long)), ValueError, "NaN or infinite logits"),
-        (lambda: (logits().masked_fill(torch.eye(4, C, dtype=torch.bool), float("inf")), torch.zeros(4, dtype=torch.long)), ValueError, "NaN or infinite logits"),
-        (lambda: (logits(), torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "input is on cpu but target is on meta"),
+        (
+            lambda: (logits(), soft().masked_fill(torch.eye(4, C, dtype=torch.bool), float("nan"))),
+            ValueError,
+            "target contains NaN",
+        ),
+        (
+            lambda: (
+                logits().masked_fill(torch.eye(4, C, dtype=torch.bool), float("nan")),
+                torch.zeros(4, dtype=torch.long),
+            ),
+            ValueError,
+            "NaN or infinite logits",
+        ),
+        (
+            lambda: (
+                logits().masked_fill(torch.eye(4, C, dtype=torch.bool), float("inf")),
+                torch.zeros(4, dtype=torch.long),
+            ),
+            ValueError,
+            "NaN or infinite logits",
+        ),
+        (
+            lambda: (logits(), torch.zeros(4, dtype=torch.long, device="meta")),
+            ValueError,
+            "input is on cpu but target is on meta",
+        ),
     ],
 )
 def test_bad_loss_inputs(make, error, message) -> None:
@@ -78,9 +100,9 @@ def test_bad_options(kwargs, error, message) -> None:
 
 
 def test_bad_tree_argument() -> None:
-    with pytest.raises(TypeError, match="tree must be an emdloss.Tree"):
+    with pytest.raises(TypeError, match=r"tree must be an emdloss\.Tree"):
         emd(logits(), torch.zeros(4, dtype=torch.long), {"parents": [-1]})  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="tree must be an emdloss.Tree"):
+    with pytest.raises(TypeError, match=r"tree must be an emdloss\.Tree"):
         EMDLoss([-1, 0, 0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rho"):
         EMDLoss(TREE, rho=0)

@@ -36,8 +36,9 @@ def _one_error_line(capsys) -> str:
 def _fake_checkpoint(out: Path, config: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = config or {"experiment": "ordinal", "seeds": 7}
-    (out / CHECKPOINT_NAME).write_text(json.dumps(
-        {"config_hash": runner.config_hash(config), "config": config, "done": {}, "time": 0.0}))
+    (out / CHECKPOINT_NAME).write_text(
+        json.dumps({"config_hash": runner.config_hash(config), "config": config, "done": {}, "time": 0.0})
+    )
 
 
 @pytest.fixture
@@ -106,8 +107,10 @@ def test_data_file_missing_in_the_folder(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_train_imagenet_root_that_does_not_exist(tmp_path, capsys) -> None:
-    assert main(["train-imagenet", "--root", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 2
+    assert (
+        main(["train-imagenet", "--root", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
     line = _one_error_line(capsys)
     assert "--root" in line and "train/<wnid>/" in line and not (tmp_path / "o").exists()
 
@@ -124,8 +127,10 @@ def test_train_imagenet_device_that_is_not_there(tmp_path, capsys) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path) -> None:
-    for argv in (["--debug", "train-imagenet", "--root", str(tmp_path / "x")],
-                 ["train-imagenet", "--root", str(tmp_path / "x"), "--debug"]):
+    for argv in (
+        ["--debug", "train-imagenet", "--root", str(tmp_path / "x")],
+        ["train-imagenet", "--root", str(tmp_path / "x"), "--debug"],
+    ):
         with pytest.raises(UsageError, match="--root"):
             main(argv)
     out = tmp_path / "run"
@@ -154,8 +159,12 @@ def test_end_to_end_one_line_and_status_2(tmp_path) -> None:
     """As typed in a shell: `python -m emdloss ...` into a folder holding another run."""
     out = tmp_path / "run"
     _fake_checkpoint(out)
-    done = subprocess.run([sys.executable, "-m", "emdloss", "experiment", "ordinal", "--out", str(out), *SMOKE],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "emdloss", "experiment", "ordinal", "--out", str(out), *SMOKE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("emdloss: error: --out "), done.stderr
     assert done.stdout == ""
@@ -173,8 +182,16 @@ def _help(argv: list[str], capsys) -> str:
 
 def test_top_level_help_is_for_users(capsys) -> None:
     text = _help([], capsys)
-    for word in ("demo", "bench", "experiment", "train-imagenet", "--debug", "examples:", "EMDLOSS_DATA",
-                 "PROVENANCE.md"):
+    for word in (
+        "demo",
+        "bench",
+        "experiment",
+        "train-imagenet",
+        "--debug",
+        "examples:",
+        "EMDLOSS_DATA",
+        "PROVENANCE.md",
+    ):
         assert word in text
     for developer_word in ("add_arguments", "``", "module"):
         assert developer_word not in text
@@ -182,9 +199,17 @@ def test_top_level_help_is_for_users(capsys) -> None:
 
 def test_train_imagenet_help_shows_defaults(capsys) -> None:
     text = " ".join(_help(["train-imagenet"], capsys).split())
-    for shown in ("(default: 90)", "(default: 256)", "(default: resnet18)", "(default: ce)", "(default: 0.1)",
-                  "(default: 224)", "(default: bf16)", "(default: imagenet-run)",
-                  f"default: {imagenet.default_workers()}, the CPUs available here"):
+    for shown in (
+        "(default: 90)",
+        "(default: 256)",
+        "(default: resnet18)",
+        "(default: ce)",
+        "(default: 0.1)",
+        "(default: 224)",
+        "(default: bf16)",
+        "(default: imagenet-run)",
+        f"default: {imagenet.default_workers()}, the CPUs available here",
+    ):
         assert shown in text, shown
 
 
@@ -201,8 +226,11 @@ def test_command_missing_prints_that_level_of_help(capsys) -> None:
 
 
 def test_bad_option_values_are_usage_errors(capsys) -> None:
-    for argv in (["demo", "--seeds", "0"], ["train-imagenet", "--root", ".", "--workers", "-1"],
-                 ["experiment", "ordinal", "--out", "x", "--seeds", "zero"]):
+    for argv in (
+        ["demo", "--seeds", "0"],
+        ["train-imagenet", "--root", ".", "--workers", "-1"],
+        ["experiment", "ordinal", "--out", "x", "--seeds", "zero"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
@@ -278,8 +306,7 @@ def test_default_workers_fit_the_machine(monkeypatch) -> None:
 
 
 def test_config_changes_lists_what_differs() -> None:
-    assert runner.config_changes({"a": 1, "b": [1, 2]}, {"a": 2, "b": [1, 2], "c": "x"}) == \
-        'a 1 -> 2, c (unset) -> "x"'
+    assert runner.config_changes({"a": 1, "b": [1, 2]}, {"a": 2, "b": [1, 2], "c": "x"}) == 'a 1 -> 2, c (unset) -> "x"'
     assert runner.config_changes(None, {"a": 1}) == ""
 
 

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from emdloss_lab.cli import main  # noqa: E402
-from emdloss_lab.experiments import demo  # noqa: E402
+from emdloss_lab.cli import main
+from emdloss_lab.experiments import demo
 
 
 def test_chain_task_is_ordered_quantile_classes() -> None:
@@ -66,20 +66,28 @@ def _fake_results(chain_mae: dict[str, list[float]], severity: dict[str, list[fl
 
 
 def test_conclusion_follows_the_numbers() -> None:
-    clear = _fake_results({"ce": [2.0, 2.1, 2.2], "emd": [1.0, 1.1, 1.2], "relaxed": [1.9, 2.0, 2.1]},
-                          {"ce": [3.0, 3.5, 4.0], "emd": [3.2, 3.6, 4.0], "relaxed": [3.0, 3.3, 3.6]})
+    clear = _fake_results(
+        {"ce": [2.0, 2.1, 2.2], "emd": [1.0, 1.1, 1.2], "relaxed": [1.9, 2.0, 2.1]},
+        {"ce": [3.0, 3.5, 4.0], "emd": [3.2, 3.6, 4.0], "relaxed": [3.0, 3.3, 3.6]},
+    )
     text = demo.conclusion(clear, 3, 200)
     assert "EMD (rho=1) had the smallest mean absolute error, 1.100 ± 0.100 classes against 2.100 ± 0.100" in text
     assert "beyond the spread over seeds on MAE (chain)" in text
-    assert "relaxed EMD (rho=2) had the mildest mistakes (mean tree distance of a wrong guess), 3.300 ± 0.300 " \
-           "against 3.500 ± 0.500 for cross-entropy (a gap within the spread over seeds)" in text
+    assert (
+        "relaxed EMD (rho=2) had the mildest mistakes (mean tree distance of a wrong guess), 3.300 ± 0.300 "
+        "against 3.500 ± 0.500 for cross-entropy (a gap within the spread over seeds)" in text
+    )
     assert "cross-entropy and EMD (rho=1) tied on top-1 at 0.800" in text
 
-    swapped = _fake_results({"ce": [1.0, 1.1, 1.2], "emd": [2.0, 2.1, 2.2], "relaxed": [1.9, 2.0, 2.1]},
-                            {"ce": [3.0, 3.1, 3.2], "emd": [3.0, 3.1, 3.2], "relaxed": [3.0, 3.1, 3.2]})
+    swapped = _fake_results(
+        {"ce": [1.0, 1.1, 1.2], "emd": [2.0, 2.1, 2.2], "relaxed": [1.9, 2.0, 2.1]},
+        {"ce": [3.0, 3.1, 3.2], "emd": [3.0, 3.1, 3.2], "relaxed": [3.0, 3.1, 3.2]},
+    )
     text = demo.conclusion(swapped, 3, 200)
-    assert "cross-entropy had the smallest mean absolute error, 1.100 ± 0.100 classes against 2.000 ± 0.100 for " \
-           "relaxed EMD (rho=2)" in text
+    assert (
+        "cross-entropy had the smallest mean absolute error, 1.100 ± 0.100 classes against 2.000 ± 0.100 for "
+        "relaxed EMD (rho=2)" in text
+    )
     assert "Cross-entropy led the EMD losses beyond that spread on MAE (chain)" in text
 
     one_seed = _fake_results({loss: [1.0] for loss in demo.DEMO_LOSSES}, {loss: [2.0] for loss in demo.DEMO_LOSSES})

@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from emdloss import Tree  # noqa: E402
-from emdloss_lab.cli import main  # noqa: E402
-from emdloss_lab.data import DataUnavailable, shared_data_dir  # noqa: E402
-from emdloss_lab.experiments import baselines, convergence, hierarchy, ordinal  # noqa: E402
+from emdloss import Tree
+from emdloss_lab.cli import main
+from emdloss_lab.data import DataUnavailable, shared_data_dir
+from emdloss_lab.experiments import baselines, convergence, hierarchy, ordinal
 
 
 def _needs_shared_data() -> None:
@@ -86,7 +86,7 @@ def test_soft_labels_definition_and_limits() -> None:
     "cls,kw", [(baselines.HXELoss, {"alpha": -1.0}), (baselines.SoftLabelLoss, {"beta": float("nan")})]
 )
 def test_baselines_reject_bad_arguments(cls, kw) -> None:
-    with pytest.raises(ValueError, match="alpha|beta"):
+    with pytest.raises(ValueError, match=r"alpha|beta"):
         cls(small_tree(), **kw)
     with pytest.raises(TypeError, match="tree"):
         cls("not a tree")
@@ -116,8 +116,9 @@ def _run_smoke(name: str, tmp_path, *extra: str, capsys=None) -> dict:
     if capsys is not None:  # the command says where it wrote, naming every file
         last = capsys.readouterr().out.rstrip().splitlines()[-1]
         assert last.startswith("wrote report.md, results.json and ") and f" to {out}{os.sep} in " in last
-        assert all((out / name).exists() for name in last.split(" to ")[0][len("wrote "):].replace(" and ", ", ")
-                   .split(", "))
+        assert all(
+            (out / name).exists() for name in last.split(" to ")[0][len("wrote ") :].replace(" and ", ", ").split(", ")
+        )
     report = (out / "report.md").read_text()
     assert report.startswith("#") and "Command:" in report and "±" in report
     assert any(p.suffix == ".png" and p.read_bytes()[:4] == b"\x89PNG" for p in out.iterdir())

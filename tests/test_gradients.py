@@ -39,7 +39,9 @@ def test_gradcheck_rho1_away_from_kinks(backend: str) -> None:
             break
     else:
         pytest.fail("no kink-free draw found")
-    assert torch.autograd.gradcheck(lambda x: emd(x, q, tree, reduction="none", backend=backend), (x,), eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: emd(x, q, tree, reduction="none", backend=backend), (x,), eps=1e-7, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

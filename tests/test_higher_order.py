@@ -73,5 +73,5 @@ def test_fused_backend_refuses_create_graph_instead_of_a_wrong_answer() -> None:
     tree = Tree.chain(6)
     x = torch.randn(16, 6, requires_grad=True)
     loss = EMDLoss(tree, rho=2.0, backend="numba")(x, torch.randint(0, 6, (16,)))
-    with pytest.raises(RuntimeError, match="second derivatives .* need backend='torch'"):
+    with pytest.raises(RuntimeError, match=r"second derivatives .* need backend='torch'"):
         torch.autograd.grad(loss, x, create_graph=True)

@@ -93,7 +93,7 @@ def test_select_nodes_is_ancestor_closed():
 def test_chain_cdfs(tmp_path):
     p = torch.tensor([0.05, 0.1, 0.3, 0.35, 0.15, 0.05])
     fig = plot.plot_chain_cdfs(p, 4, class_labels=list("abcdef"), spacing=[1, 1, 2, 1, 1])
-    label = [t.get_text() for t in fig.axes[0].get_legend().get_texts()][0]
+    label = next(t.get_text() for t in fig.axes[0].get_legend().get_texts())
     ref = float(emd(p[None], torch.tensor([4]), Tree.chain(6, spacing=[1, 1, 2, 1, 1]), from_logits=False))
     assert float(label.split("=")[-1]) == pytest.approx(ref, abs=1e-3)
     fig.savefig(tmp_path / "chain.png", dpi=60)

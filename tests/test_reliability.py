@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing as mp
 from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -100,7 +99,10 @@ def test_heavy_edge_above_every_class_adds_nothing(backend: str, dtype: torch.dt
     light = Tree.from_parents([-1, 0, 1, 1, 2, 2], weights=[0, 0, 1, 2, 0.5, 0.25], classes=[3, 4, 5])
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=gen, dtype=dtype)
-    for target in (torch.randint(0, 3, (64,), generator=gen), torch.softmax(torch.randn(64, 3, generator=gen, dtype=dtype), 1)):
+    for target in (
+        torch.randint(0, 3, (64,), generator=gen),
+        torch.softmax(torch.randn(64, 3, generator=gen, dtype=dtype), 1),
+    ):
         for rho in (1.0, 2.0):
             got = emd(x, target, heavy, rho=rho, backend=backend, reduction="none")
             want = emd(x, target, light, rho=rho, backend=backend, reduction="none")
@@ -119,7 +121,7 @@ def test_long_chain_edges_lose_no_precision_against_exact_rationals() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_edge_lengths_that_overflow_the_compute_dtype_are_a_clear_error(dtype: torch.dtype) -> None:
     tree = Tree.from_parents([-1, 0, 0], weights=[0, 3e38, 3e38])
-    with pytest.raises(ValueError, match="edge lengths sum to 6e\\+38.*rescale the edge lengths"):
+    with pytest.raises(ValueError, match=r"edge lengths sum to 6e\+38.*rescale the edge lengths"):
         emd(torch.zeros(2, 2, dtype=dtype), torch.tensor([0, 1]), tree)
     loss = emd(torch.zeros(2, 2, dtype=torch.float64, requires_grad=True), torch.tensor([0, 1]), tree)
     assert torch.isfinite(loss)

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from emdloss_lab.cli import main  # noqa: E402
-from emdloss_lab.data import DataUnavailable, shared_data_dir  # noqa: E402
-from emdloss_lab.experiments.runner import CHECKPOINT_NAME, CheckpointError  # noqa: E402
+from emdloss_lab.cli import main
+from emdloss_lab.data import DataUnavailable, shared_data_dir
+from emdloss_lab.experiments.runner import CHECKPOINT_NAME, CheckpointError
 
 SEEDS = "4"  # ordinal --smoke: 1 dataset x 4 losses x 4 seeds = 16 units
 
@@ -32,8 +32,19 @@ def _shared_data() -> None:
 
 
 def _cmd(out) -> list[str]:
-    return [sys.executable, "-m", "emdloss", "experiment", "ordinal", "--out", str(out), "--smoke", "--seeds", SEEDS,
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "emdloss",
+        "experiment",
+        "ordinal",
+        "--out",
+        str(out),
+        "--smoke",
+        "--seeds",
+        SEEDS,
+        "--no-progress",
+    ]
 
 
 def _done(out) -> int:

@@ -339,7 +339,7 @@ def test_unconverged_call_warns_once_naming_rows_error_tol_and_remedies(log_doma
 
 
 def test_no_convergence_warning_for_tol_zero_converged_calls_or_a_filter():
-    tree, cost, x, q = _soft_batch()
+    _tree, cost, x, q = _soft_batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error", SinkhornConvergenceWarning)
         for log_domain in (True, False):  # tol=0: a fixed budget, asked for

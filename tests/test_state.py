@@ -27,13 +27,13 @@ def _saved(**changes) -> dict:
     "changes, message",
     [
         (
-            dict(edges=EDGES[:2] + [("animal", "cow"), EDGES[3]], classes=["dog", "cow", "car"]),
+            dict(edges=[*EDGES[:2], ("animal", "cow"), EDGES[3]], classes=["dog", "cow", "car"]),
             r"names: node 3 is 'cat' here and 'cow' in the state_dict; build the loss",
         ),
         (dict(weights=[1.0, 1.0, 2.5, 1.0]), r"weights: the edge above node 3 is 1.0 here and 2.5 in the state_dict"),
         (dict(classes=["cat", "dog", "car"]), r"classes: class 0 is node 2 \('dog'\) here and node 3 \('cat'\) in the"),
-        (dict(edges=EDGES[:2] + [("root", "cat"), EDGES[3]]), r"structure: the parent of node 3 is 1 here and 0"),
-        (dict(edges=EDGES + [("car", "bus")]), r"structure: 5 nodes here and 6 in the state_dict"),
+        (dict(edges=[*EDGES[:2], ("root", "cat"), EDGES[3]]), r"structure: the parent of node 3 is 1 here and 0"),
+        (dict(edges=[*EDGES, ("car", "bus")]), r"structure: 5 nodes here and 6 in the state_dict"),
     ],
 )
 def test_a_different_tree_is_refused_with_what_differs(changes, message) -> None:
@@ -51,8 +51,10 @@ def test_several_differences_are_all_named() -> None:
         loss.load_state_dict(state)
 
 
-@pytest.mark.parametrize("rho, error", [(0.5, ValueError), (math.nan, ValueError), (math.inf, ValueError),
-                                        ("x", TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "rho, error",
+    [(0.5, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("x", TypeError), (None, TypeError)],
+)
 def test_a_bad_rho_is_refused_at_load_time_with_the_constructors_message(rho, error) -> None:
     """It loaded silently (or as a bare float() error) and failed only at the next forward."""
     tree = Tree.from_edges(EDGES, CLASSES)

@@ -35,9 +35,33 @@ def folder(tmp_path_factory):
 
 
 def _args(root, out, epochs, loss="relaxed", *extra):
-    return ["train-imagenet", "--root", str(root), "--isa", str(root / "isa.txt"), "--out", str(out),
-            "--per-class", "3", "--loss", loss, "--arch", "small-cnn", "--epochs", str(epochs), "--batch-size", "4",
-            "--image-size", "16", "--workers", "0", "--lr", "0.05", "--no-progress", *extra]
+    return [
+        "train-imagenet",
+        "--root",
+        str(root),
+        "--isa",
+        str(root / "isa.txt"),
+        "--out",
+        str(out),
+        "--per-class",
+        "3",
+        "--loss",
+        loss,
+        "--arch",
+        "small-cnn",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--workers",
+        "0",
+        "--lr",
+        "0.05",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_listing_subsampling_and_tree(folder) -> None:
@@ -89,8 +113,9 @@ def test_train_checkpoint_and_resume_equal_uninterrupted(folder, tmp_path, capsy
     assert main(_args(folder, part, 2, "relaxed", "--resume")) == 0  # ... and continue to two
     hist2 = json.loads((part / "results.json").read_text())["history"]
     drop = {"seconds"}
-    assert [{k: v for k, v in h.items() if k not in drop} for h in hist2] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in hist]
+    assert [{k: v for k, v in h.items() if k not in drop} for h in hist2] == [
+        {k: v for k, v in h.items() if k not in drop} for h in hist
+    ]
     a = torch.load(full / "last.pt", weights_only=False)["model"]
     b = torch.load(part / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -106,11 +131,24 @@ def test_bad_root_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_other_mistakes_are_clear_errors(folder, tmp_path, capsys) -> None:
     (tmp_path / "bad-isa.txt").write_text("only-one-column\n")
-    for extra, words in ((["--isa", str(tmp_path / "missing.txt")], "--isa"),
-                         (["--isa", str(tmp_path / "bad-isa.txt")], "--isa"),
-                         (["--isa", str(folder / "isa.txt"), "--arch", "no-such-net"], "--arch")):
-        argv = ["train-imagenet", "--root", str(folder), "--out", str(tmp_path / "o"), "--epochs", "1",
-                "--workers", "0", "--no-progress", *extra]
+    for extra, words in (
+        (["--isa", str(tmp_path / "missing.txt")], "--isa"),
+        (["--isa", str(tmp_path / "bad-isa.txt")], "--isa"),
+        (["--isa", str(folder / "isa.txt"), "--arch", "no-such-net"], "--arch"),
+    ):
+        argv = [
+            "train-imagenet",
+            "--root",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
         if extra[-1] == "no-such-net" and not imagenet.has_torchvision():
             continue  # without torchvision any --arch falls back to the small CNN
         assert main(argv) == 2

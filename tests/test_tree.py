@@ -174,7 +174,7 @@ def test_bad_edges_raise_clear_errors(edges, classes, message) -> None:
         ('{"parents": [-1, 0], "classes": [1], "weights": [0, -Infinity]}', "Infinity"),
         ('{"parents": [-1, 0], "classes": [1], "format": "other"}', "not an emdloss tree"),
         ('{"parents": [-1, 0], "classes": [1], "version": 99}', "version"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
         ('{"parents": [1, 0], "classes": [1]}', "no root"),
     ],
 )
@@ -235,8 +235,9 @@ def test_distance_matrix_is_the_exact_path_sum_on_extreme_spacings(seed: int) ->
     """Edge lengths spread over 29 orders of magnitude (and some 0): every distance is within ``hops`` roundings
     of the exact sum of the edge lengths along the path; the LCA depths are those of the LCA node."""
     rng = np.random.default_rng(seed)
-    base = random_tree(rng, int(rng.integers(2, 45)), shape=("recursive", "deep", "bushy")[seed % 3],
-                       internal_classes=bool(seed % 2))
+    base = random_tree(
+        rng, int(rng.integers(2, 45)), shape=("recursive", "deep", "bushy")[seed % 3], internal_classes=bool(seed % 2)
+    )
     weights = 10.0 ** rng.uniform(-12, 17, base.num_nodes)
     weights[rng.random(base.num_nodes) < 0.1] = 0.0
     tree = Tree.from_parents(base.parents, weights=weights, classes=base.classes)

@@ -270,6 +270,6 @@ def test_func_with_fused_backend_is_a_clear_error():
     tree = _tree(9)
     x = torch.randn(4, tree.num_classes)
     y = torch.randint(0, tree.num_classes, (4,))
-    with pytest.raises(ValueError, match="torch.func"):
+    with pytest.raises(ValueError, match=r"torch\.func"):
         grad(lambda z: emd(z, y, tree, backend="numba"))(x)
     assert emdloss.functional.emd is emd

@@ -146,7 +146,9 @@ def _rows(t: Tensor) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _class_indices(labels: Tensor, num_classes: int, ignore_index: int, values: bool) -> tuple[Tensor, Tensor | None, int | Tensor]:
+def _class_indices(
+    labels: Tensor, num_classes: int, ignore_index: int, values: bool
+) -> tuple[Tensor, Tensor | None, int | Tensor]:
     """(M,) class indices -> (int64 indices, keep mask or None, number kept). With ``values``, an index outside
     [0, C) that is not ``ignore_index`` raises. On the CPU this runs in numpy: a few operations on M integers,
     each far cheaper there than a torch op's overhead."""

@@ -32,14 +32,14 @@ from torch import Tensor
 from .tree import Tree
 
 __all__ = [
-    "topk_accuracy",
-    "mistake_severity",
-    "lca_mistake_height",
-    "hierarchical_distance_topk",
-    "emd_per_sample",
-    "mean_absolute_error",
-    "quadratic_weighted_kappa",
     "HierarchicalMetrics",
+    "emd_per_sample",
+    "hierarchical_distance_topk",
+    "lca_mistake_height",
+    "mean_absolute_error",
+    "mistake_severity",
+    "quadratic_weighted_kappa",
+    "topk_accuracy",
 ]
 
 

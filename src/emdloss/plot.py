@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .tree import Tree
 
-__all__ = ["plot_tree_flows", "plot_chain_cdfs", "select_nodes", "tidy_layout"]
+__all__ = ["plot_chain_cdfs", "plot_tree_flows", "select_nodes", "tidy_layout"]
 
 UP, DOWN = "#c0392b", "#2471a3"
 
@@ -191,15 +191,26 @@ def plot_tree_flows(
         mass = p[k] if k is not None else 0.0
         is_true = k is not None and k == true_k
         ax.scatter(
-            [x], [y], s=20 + 600 * mass, color="#f39c12" if k is not None else "#555555",
-            edgecolor="black", linewidth=0.5, zorder=5,
+            [x],
+            [y],
+            s=20 + 600 * mass,
+            color="#f39c12" if k is not None else "#555555",
+            edgecolor="black",
+            linewidth=0.5,
+            zorder=5,
         )
         if is_true:
             ax.scatter([x], [y], s=260, marker="*", color="#27ae60", edgecolor="black", linewidth=0.6, zorder=6)
         leaf = _is_leaf(pos, v, tree)
         ax.text(
-            x, y - 0.12 if leaf else y + 0.12, node_label(v), fontsize=7,
-            rotation=40 if leaf else 0, ha="right" if leaf else "center", va="top" if leaf else "bottom", zorder=7,
+            x,
+            y - 0.12 if leaf else y + 0.12,
+            node_label(v),
+            fontsize=7,
+            rotation=40 if leaf else 0,
+            ha="right" if leaf else "center",
+            va="top" if leaf else "bottom",
+            zorder=7,
         )
 
     hidden = tree.num_nodes - int(mask.sum())
@@ -212,7 +223,9 @@ def plot_tree_flows(
             Line2D([], [], marker="o", color="w", markerfacecolor="#f39c12", markersize=8, label="predicted mass"),
             Line2D([], [], marker="*", color="w", markerfacecolor="#27ae60", markersize=12, label="true class"),
         ],
-        loc="upper right", fontsize=7, frameon=False,
+        loc="upper right",
+        fontsize=7,
+        frameon=False,
     )
     xs = [x for x, _ in pos.values()]
     ax.set_xlim(min(xs) - 1, max(xs) + 1)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._atomic import write_text
+from ._class_pairs import class_pairs
 
 __all__ = ["Tree", "TreeError"]
 
@@ -49,9 +50,8 @@ def _as_int_array(values: Any, what: str) -> np.ndarray:
         return arr.astype(np.int64)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise TreeError(f"{what} must contain integers, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise TreeError(f"{what} must contain integers, got non-integral values")
+    if np.issubdtype(arr.dtype, np.floating) and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
+        raise TreeError(f"{what} must contain integers, got non-integral values")
     return arr.astype(np.int64)
 
 
@@ -74,8 +74,21 @@ class Tree:
             :func:`emdloss.functional.flows` is the edge from ``edge_nodes[j]`` to its parent.
     """
 
-    __slots__ = ("parents", "weights", "classes", "names", "root", "preorder", "position", "subtree_end",
-                 "edge_nodes", "_depth", "_is_chain", "_hash", "_derived")
+    __slots__ = (
+        "_depth",
+        "_derived",
+        "_hash",
+        "_is_chain",
+        "classes",
+        "edge_nodes",
+        "names",
+        "parents",
+        "position",
+        "preorder",
+        "root",
+        "subtree_end",
+        "weights",
+    )
 
     def __init__(
         self,
@@ -180,8 +193,16 @@ class Tree:
         _fill_depth(depth, preorder, parents_arr[preorder[1:]], weights_arr[preorder[1:]])
 
         edge_nodes = np.flatnonzero(parents_arr >= 0).astype(np.int64)
-        arrays = dict(parents=parents_arr, weights=weights_arr, classes=classes_arr, preorder=preorder,
-                      position=position, subtree_end=subtree_end, edge_nodes=edge_nodes, _depth=depth)
+        arrays = dict(
+            parents=parents_arr,
+            weights=weights_arr,
+            classes=classes_arr,
+            preorder=preorder,
+            position=position,
+            subtree_end=subtree_end,
+            edge_nodes=edge_nodes,
+            _depth=depth,
+        )
         for name, arr in arrays.items():
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
@@ -339,7 +360,7 @@ class Tree:
         """
 
         def build() -> np.ndarray:
-            d = _class_pairs(self)
+            d = class_pairs(self)
             d.setflags(write=False)
             return d
 
@@ -357,7 +378,7 @@ class Tree:
     def lca_depth(self, hops: bool = True) -> np.ndarray:
         """(C, C) float64 depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted;
         the diagonal holds each class's own depth). O(C^2) time and memory; a new array on each call."""
-        return _class_pairs(self, lca_value=self.depth(hops=hops))
+        return class_pairs(self, lca_value=self.depth(hops=hops))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -534,65 +555,3 @@ def _find_cycle(parents: np.ndarray, start: int) -> list[int]:
         path.append(v)
         v = int(parents[v])
     return [] if v == -1 else path[seen[v] :]
-
-
-def _class_pairs(tree: Tree, lca_value: np.ndarray | None = None) -> np.ndarray:
-    """(C, C) float64 over all pairs of classes: the length of the path between them, or with ``lca_value``
-    (num_nodes,) the value at their lowest common ancestor (each class's own value on the diagonal).
-
-    Lengths are sums of edge lengths, never differences of depths (``depth a + depth b - 2 depth lca`` cancels
-    short edges below a long one). Sorted by DFS position, the classes under a node fill a range of slots. Going up
-    the nodes where two class-holding subtrees meet and the classes, ``down[s]`` is the path length from slot ``s``
-    to the current node, which writes the pairs whose LCA it is in blocks: O(C^2) whatever the depth."""
-    n, c = tree.num_nodes, tree.num_classes
-    pre, class_pos = tree.preorder, tree.position[tree.classes]
-    order = np.argsort(class_pos)  # slot s holds class order[s]
-    sorted_pos = class_pos[order]
-    lo = np.searchsorted(sorted_pos, np.arange(n))  # slots [lo, hi) hold the classes below DFS position p
-    hi = np.searchsorted(sorted_pos, tree.subtree_end)
-    holding = np.flatnonzero(hi > lo)  # in pre-order, from the root
-    par_pos = tree.position[tree.parents[pre[holding[1:]]]]
-    key = np.bincount(par_pos, minlength=n) >= 2  # two class-holding subtrees meet there
-    key[sorted_pos] = True
-    key_l, kpar, up = key.tolist(), [-1] * n, [0.0] * n  # up[p]: path length from p to its key ancestor kpar[p]
-    for p, q, w in zip(holding[1:].tolist(), par_pos.tolist(), tree.weights[pre[holding[1:]]].tolist()):
-        kpar[p], up[p] = (q, w) if key_l[q] else (kpar[q], w + up[q])
-    keys = holding[key[holding]].tolist()
-    kids: dict[int, list[int]] = {}
-    for p in keys:  # in pre-order, so each list is in increasing slots
-        kids.setdefault(kpar[p], []).append(p)
-    lo_l, hi_l = lo.tolist(), hi.tolist()
-    out = np.empty((c, c))
-    down = np.zeros(c)  # a key node with one class below is that class: it starts at its distance to its parent
-    single = [p for p in keys if hi_l[p] - lo_l[p] == 1]
-    down[lo[single]] = [up[p] for p in single]
-    value = None if lca_value is None else np.asarray(lca_value, dtype=np.float64)[pre].tolist()
-
-    def pairs(rows: slice, cols: slice, v: int) -> None:
-        if value is None:
-            np.add(down[rows, None], down[None, cols], out=out[rows, cols])
-        else:
-            out[rows, cols] = value[v]
-
-    for v in reversed(keys):
-        first, parts = lo_l[v], []  # first: the node's own slot if it is a class, else its first child's
-        for u in kids.get(v, ()):
-            a, b = lo_l[u], hi_l[u]
-            if b - a > 1:
-                down[a:b] += up[u]
-                parts.append([a, b, False])
-            elif parts and parts[-1][2]:
-                parts[-1][1] = b  # adjacent one-class children make one run, whose pairs all meet at v
-            else:
-                parts.append([a, b, True])
-        for a, b, run in parts:
-            if run and b - a > 1:
-                pairs(slice(a, b), slice(a, b), v)
-            if a > first:
-                pairs(slice(a, b), slice(first, a), v)
-                pairs(slice(first, a), slice(a, b), v)
-    out[np.arange(c), np.arange(c)] = 0.0 if value is None else np.asarray(value)[sorted_pos]
-    if np.array_equal(order, np.arange(c)):
-        return out
-    slot = np.argsort(order)  # the slot of each class
-    return out.take(slot, axis=0).take(slot, axis=1, out=out)

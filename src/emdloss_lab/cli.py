@@ -45,8 +45,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "convergence": ("emdloss_lab.experiments.convergence", "relaxed vs exact EMD: steps to fit target histograms"),
     "ordinal": ("emdloss_lab.experiments.ordinal", "ordinal classification on real tables (chains)"),
     "hierarchy": ("emdloss_lab.experiments.hierarchy", "hierarchical classification, small-data regime (trees)"),
-    "sinkhorn": ("emdloss_lab.experiments.sinkhorn_study",
-                 "Sinkhorn's bias, stability, gradients and cost vs exact EMD"),
+    "sinkhorn": (
+        "emdloss_lab.experiments.sinkhorn_study",
+        "Sinkhorn's bias, stability, gradients and cost vs exact EMD",
+    ),
 }
 
 
@@ -58,15 +60,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or default is None or isinstance(default, bool) or default is argparse.SUPPRESS
-                or "%(default)" in text or "default" in text.lower()):
+        if (
+            not action.option_strings
+            or default is None
+            or isinstance(default, bool)
+            or default is argparse.SUPPRESS
+            or "%(default)" in text
+            or "default" in text.lower()
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
 
 def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the full Python traceback of an error instead of a one-line message")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the full Python traceback of an error instead of a one-line message",
+    )
 
 
 def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
@@ -91,17 +103,23 @@ def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emdloss", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="emdloss", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
     _add_debug(parser, False)
     parser.set_defaults(_parser=parser)
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text)
     exp_help = "run a reproducible experiment (results.json, report.md and plots in --out; resumable)"
-    exp = sub.add_parser("experiment", help=exp_help, description=exp_help, formatter_class=HelpFormatter,
-                         epilog="Every experiment takes --out DIR, --quick, --smoke, --seeds K, --resume and\n"
-                                "--no-progress: see `emdloss experiment NAME --help`.")
+    exp = sub.add_parser(
+        "experiment",
+        help=exp_help,
+        description=exp_help,
+        formatter_class=HelpFormatter,
+        epilog="Every experiment takes --out DIR, --quick, --smoke, --seeds K, --resume and\n"
+        "--no-progress: see `emdloss experiment NAME --help`.",
+    )
     exp.set_defaults(_parser=exp)
     _add_debug(exp, argparse.SUPPRESS)
     exp_sub = exp.add_subparsers(dest="experiment", title="experiments", metavar="NAME")

@@ -17,8 +17,10 @@ ENV_VAR = "EMDLOSS_DATA"
 #: what the shared data folder holds, for the messages that ask for it
 CONTENTS = "PROVENANCE.md and the hierarchies/, ordinal/ and spectra/ folders it describes"
 #: where it comes from, for the same messages
-SOURCE = (f"set {ENV_VAR} to that folder, or run from a checkout that has shared/data beside it "
-          "(emdloss demo needs none of it)")
+SOURCE = (
+    f"set {ENV_VAR} to that folder, or run from a checkout that has shared/data beside it "
+    "(emdloss demo needs none of it)"
+)
 
 
 class DataUnavailable(FileNotFoundError, UsageError):
@@ -50,8 +52,11 @@ def data_file(relative: str) -> Path:
     path = folder / relative
     if not path.exists():
         origin = f"from {ENV_VAR}" if os.environ.get(ENV_VAR) else "found beside the checkout"
-        hint = ("" if (folder / "PROVENANCE.md").exists()
-                else f"; it has no PROVENANCE.md, so {ENV_VAR} may name the wrong folder")
+        hint = (
+            ""
+            if (folder / "PROVENANCE.md").exists()
+            else f"; it has no PROVENANCE.md, so {ENV_VAR} may name the wrong folder"
+        )
         raise DataUnavailable(
             f"shared data file missing: {path} (data folder {folder}, {origin}{hint}); point {ENV_VAR} at a "
             f"complete copy of the shared data folder, which holds {CONTENTS}"

@@ -81,6 +81,15 @@ def row_losses(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:
 
 
 __all__ = [
-    "ENV_VAR", "Backend", "BackendUnusable", "BackendWarning", "check_name", "get", "loss_weight_sum", "loss_weights",
-    "names", "row_losses", "select",
+    "ENV_VAR",
+    "Backend",
+    "BackendUnusable",
+    "BackendWarning",
+    "check_name",
+    "get",
+    "loss_weight_sum",
+    "loss_weights",
+    "names",
+    "row_losses",
+    "select",
 ]

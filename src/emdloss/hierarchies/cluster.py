@@ -20,7 +20,7 @@ import numpy as np
 
 from ..tree import Tree
 
-__all__ = ["from_distance_matrix", "from_embeddings", "tree_distortion", "DistortionReport"]
+__all__ = ["DistortionReport", "from_distance_matrix", "from_embeddings", "tree_distortion"]
 
 _METHODS = ("average", "complete", "single", "weighted", "ward")
 

@@ -54,7 +54,5 @@ def from_networkx(
     if len(graph) == 1 and not pairs:
         (only,) = list(graph.nodes)
         pairs, classes = [], [only]
-    result = dag_to_tree(
-        pairs, classes, weights=lengths, multi_parent=multi_parent, prune=prune, root_name=root_name
-    )
+    result = dag_to_tree(pairs, classes, weights=lengths, multi_parent=multi_parent, prune=prune, root_name=root_name)
     return result if return_report else result[0]

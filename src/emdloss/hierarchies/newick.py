@@ -18,7 +18,7 @@ import numpy as np
 
 from ..tree import Tree, TreeError
 
-__all__ = ["from_newick", "NewickError"]
+__all__ = ["NewickError", "from_newick"]
 
 _PUNCT = "(),:;"
 

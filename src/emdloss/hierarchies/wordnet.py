@@ -16,7 +16,7 @@ from typing import Any
 from ..tree import Tree, TreeError
 from ._dag import DagReport, check_policy, dag_to_tree
 
-__all__ = ["read_isa", "read_words", "from_isa_file", "from_nltk"]
+__all__ = ["from_isa_file", "from_nltk", "read_isa", "read_words"]
 
 
 def read_isa(path: str | os.PathLike[str]) -> list[tuple[str, str]]:

@@ -217,5 +217,5 @@ def threading_layer() -> str:
         import numba
 
         return str(numba.threading_layer())
-    except Exception:  # noqa: BLE001 - raises until a parallel kernel has run
+    except Exception:
         return "not initialised"

@@ -67,7 +67,13 @@ def main() -> None:
         "F.cross_entropy fwd+bwd": ce,
         "softmax": lambda: torch.softmax(x.detach(), 1),
         "fused kernel (softmax, loss, gradient)": lambda: numba_kernels.tree_rows(
-            x.detach().numpy(), None if args.soft else y.numpy(), q.numpy() if args.soft else None, tree, args.rho, True, True
+            x.detach().numpy(),
+            None if args.soft else y.numpy(),
+            q.numpy() if args.soft else None,
+            tree,
+            args.rho,
+            True,
+            True,
         ),
         "input normalisation": lambda: normalise(
             x, target, tree.num_classes, from_logits=True, ignore_index=-100, validate=None, reduction="mean"

@@ -41,15 +41,25 @@ from . import runner
 from .training import add_experiment_arguments, mlp, num_seeds, on_small_model_cpu
 
 LOSSES = ("emd", "rho1.5", "rho2", "sinkhorn", "mse", "kl")
-LABELS = {"emd": "EMD rho=1", "rho1.5": "relaxed rho=1.5", "rho2": "relaxed rho=2", "sinkhorn": "Sinkhorn",
-          "mse": "MSE", "kl": "KL(q||p)"}
+LABELS = {
+    "emd": "EMD rho=1",
+    "rho1.5": "relaxed rho=1.5",
+    "rho2": "relaxed rho=2",
+    "sinkhorn": "Sinkhorn",
+    "mse": "MSE",
+    "kl": "KL(q||p)",
+}
 PARAMS = ("logits", "network")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser, default_seeds=3)
-    parser.add_argument("--tol", type=float, default=0.05,
-                        help="a run has converged when its exact EMD falls below this fraction of its start")
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=0.05,
+        help="a run has converged when its exact EMD falls below this fraction of its start",
+    )
 
 
 def spectra_targets() -> np.ndarray:
@@ -150,8 +160,14 @@ def run(args: argparse.Namespace) -> int:
         + ("; logits only (quick)" if quick else ""),
     }
     ckpt = runner.Checkpoint(out, config, resume=args.resume)
-    units = [(t, p, loss, s) for t in config["tasks"] for p in PARAMS for loss in LOSSES for s in range(seeds)
-             if not (loss == "sinkhorn" and (t == "chain" or (quick and p == "network")))]
+    units = [
+        (t, p, loss, s)
+        for t in config["tasks"]
+        for p in PARAMS
+        for loss in LOSSES
+        for s in range(seeds)
+        if not (loss == "sinkhorn" and (t == "chain" or (quick and p == "network")))
+    ]
     for t, p, loss, s in runner.progress(units, "convergence", enabled=not args.no_progress):
         key = f"{t}/{p}/{loss}/{s}"
         if key not in ckpt:
@@ -172,9 +188,13 @@ def run(args: argparse.Namespace) -> int:
                 steps_cell = (runner.fmt_mean_std(reached, 1) if reached else "—") + f" ({len(reached)}/{len(cs)})"
                 rows.append([LABELS[loss], steps_cell, runner.fmt_mean_std(final, 4)])
                 summary[f"{t}/{p}/{loss}"] = {"steps_to_tol": hits, "final_relative_emd": final}
-            text.append(f"## {t}, {p}\n\n" + runner.markdown_table(
-                ["loss", f"steps to EMD <= {args.tol} x start (runs that got there)", "final EMD / start EMD"],
-                rows) + "\n")
+            text.append(
+                f"## {t}, {p}\n\n"
+                + runner.markdown_table(
+                    ["loss", f"steps to EMD <= {args.tol} x start (runs that got there)", "final EMD / start EMD"], rows
+                )
+                + "\n"
+            )
     runner.publish(out, {"config": config, "summary": summary, "curves": curves}, text)
     _plot(curves, args.tol, out / "convergence.png")
     runner.wrote(out, ["report.md", "results.json", "convergence.png"], time.perf_counter() - t0)

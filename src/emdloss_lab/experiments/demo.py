@@ -60,10 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="emdloss-demo", help="output folder for report.md, results.json and demo.png")
     parser.add_argument("--seeds", type=runner.positive_int, default=3, help="number of seeds (runs of each loss)")
     parser.add_argument("--steps", type=runner.positive_int, default=200, help="training steps per run")
-    parser.add_argument("--per-class", type=runner.positive_int, default=10,
-                        help="digits training images per class (the rest are the test split)")
-    parser.add_argument("--chain-classes", type=runner.int_at_least(2), default=10,
-                        help="ordered classes the diabetes outcome is binned into")
+    parser.add_argument(
+        "--per-class",
+        type=runner.positive_int,
+        default=10,
+        help="digits training images per class (the rest are the test split)",
+    )
+    parser.add_argument(
+        "--chain-classes",
+        type=runner.int_at_least(2),
+        default=10,
+        help="ordered classes the diabetes outcome is binned into",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -83,7 +91,10 @@ def chain_task(seed: int, num_classes: int) -> dict[str, Any]:
     xtr, xte = standardize(x[tr], x[te])
     return {
         "tree": Tree.chain(num_classes),
-        "x_train": xtr, "y_train": torch.from_numpy(y[tr]), "x_test": xte, "y_test": torch.from_numpy(y[te]),
+        "x_train": xtr,
+        "y_train": torch.from_numpy(y[tr]),
+        "x_test": xte,
+        "y_test": torch.from_numpy(y[te]),
         "metrics": chain_metrics,
     }
 
@@ -103,7 +114,10 @@ def tree_task(seed: int, per_class: int) -> dict[str, Any]:
     xtr, xte = standardize(x[tr], x[te])
     return {
         "tree": tree,
-        "x_train": xtr, "y_train": torch.from_numpy(y[tr]), "x_test": xte, "y_test": torch.from_numpy(y[te]),
+        "x_train": xtr,
+        "y_train": torch.from_numpy(y[tr]),
+        "x_test": xte,
+        "y_test": torch.from_numpy(y[te]),
         "metrics": tree_metrics,
     }
 
@@ -123,8 +137,18 @@ def run_one(
     def on_eval(step: int, m: torch.nn.Module) -> None:
         curve.append((step, task["metrics"](m(task["x_test"]), task["y_test"], tree)["emd"]))
 
-    train(model, make_loss(loss, tree), task["x_train"], task["y_train"], steps=steps, lr=lr,
-          batch_size=batch, seed=seed, eval_every=max(1, steps // 10), on_eval=on_eval)
+    train(
+        model,
+        make_loss(loss, tree),
+        task["x_train"],
+        task["y_train"],
+        steps=steps,
+        lr=lr,
+        batch_size=batch,
+        seed=seed,
+        eval_every=max(1, steps // 10),
+        on_eval=on_eval,
+    )
     with torch.no_grad():
         result = task["metrics"](model(task["x_test"]), task["y_test"], tree)
     return {**result, "curve": curve}
@@ -145,18 +169,26 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = runner.output_folder(args.out)
     again = " (replacing the results there)" if (out / "results.json").exists() else ""
-    print(f"emdloss demo: writing to {os.path.join(str(out.resolve()), '')}{again}; choose the folder with --out",
-          flush=True)
-    config = {"seeds": args.seeds, "steps": args.steps, "per_class": args.per_class,
-              "chain_classes": args.chain_classes, "losses": list(DEMO_LOSSES),
-              "model": "MLP 1 hidden layer (32 chain / 64 tree), Adam lr 1e-2, weight decay 1e-4"}
+    print(
+        f"emdloss demo: writing to {os.path.join(str(out.resolve()), '')}{again}; choose the folder with --out",
+        flush=True,
+    )
+    config = {
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "per_class": args.per_class,
+        "chain_classes": args.chain_classes,
+        "losses": list(DEMO_LOSSES),
+        "model": "MLP 1 hidden layer (32 chain / 64 tree), Adam lr 1e-2, weight decay 1e-4",
+    }
     units = [(task, loss, seed) for task in TASKS for seed in range(args.seeds) for loss in DEMO_LOSSES]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {loss: [] for loss in DEMO_LOSSES} for t in TASKS}
     cache: dict[tuple[str, int], dict[str, Any]] = {}
     for task_name, loss, seed in runner.progress(units, "emdloss demo", enabled=not args.no_progress):
         if (task_name, seed) not in cache:
-            cache[(task_name, seed)] = (chain_task(seed, args.chain_classes) if task_name == "chain"
-                                        else tree_task(seed, args.per_class))
+            cache[(task_name, seed)] = (
+                chain_task(seed, args.chain_classes) if task_name == "chain" else tree_task(seed, args.per_class)
+            )
         task = cache[(task_name, seed)]
         hidden, batch = (32, 256) if task_name == "chain" else (64, 64)
         results[task_name][loss].append(run_one(task, loss, seed, args.steps, hidden, 1e-2, batch))
@@ -165,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
     for task_name, (title, keys) in TASKS.items():
         table = loss_table(results[task_name], DEMO_LOSSES, keys, LABELS)
         text.append(f"## {title}\n\n{table}\n")
-    arrows = ("Higher is better for accuracy, qwk and top1; lower for mae, mistake_severity (mean tree distance "
-              "of the mistakes), hdist@5 and emd (mean exact EMD to the true class on the test split).")
+    arrows = (
+        "Higher is better for accuracy, qwk and top1; lower for mae, mistake_severity (mean tree distance "
+        "of the mistakes), hdist@5 and emd (mean exact EMD to the true class on the test split)."
+    )
     summary = conclusion(results, args.seeds, args.steps)
     report = "\n".join(text) + "\n" + arrows + "\n\n## Conclusion\n\n" + summary + "\n"
     runner.write_text(out / "report.md", report)
@@ -203,7 +237,7 @@ def conclusion(results: dict[str, dict[str, list[dict[str, Any]]]], seeds: int, 
                 continue
             stats = {loss: summarize(results[task][loss], [metric])[metric] for loss in DEMO_LOSSES}
 
-            def rank(loss: str) -> float:
+            def rank(loss: str, stats: dict = stats, higher: bool = higher) -> float:
                 m = stats[loss][0]
                 return -math.inf if math.isnan(m) else (m if higher else -m)
 
@@ -218,19 +252,30 @@ def conclusion(results: dict[str, dict[str, list[dict[str, Any]]]], seeds: int, 
                 parts.append(f"{LABELS[best]} and {LABELS[other]} tied on {METRIC_NAMES[metric]} at {mb:.3f}")
                 continue
             clear = seeds > 1 and abs(mb - mo) > sb + so
-            verdict = ("beyond the spread over seeds" if clear else
-                       "a gap within the spread over seeds" if seeds > 1 else "one seed, so no spread to judge by")
-            parts.append(f"{LABELS[best]} had {words}, {mb:.3f} ± {sb:.3f}{unit} against {mo:.3f} ± {so:.3f} for "
-                         f"{LABELS[other]} ({verdict})")
+            verdict = (
+                "beyond the spread over seeds"
+                if clear
+                else "a gap within the spread over seeds"
+                if seeds > 1
+                else "one seed, so no spread to judge by"
+            )
+            parts.append(
+                f"{LABELS[best]} had {words}, {mb:.3f} ± {sb:.3f}{unit} against {mo:.3f} ± {so:.3f} for "
+                f"{LABELS[other]} ({verdict})"
+            )
             if clear:
                 ahead["ce" if best == "ce" else "emd"].append(f"{METRIC_NAMES[metric]} ({task})")
         lines.append(f"- {SHORT[task]}: " + "; ".join(parts) + ".")
     if seeds < 2:
-        short = ("With one seed there is no spread to tell a real difference from chance: run with --seeds 3 or "
-                 "more before drawing a conclusion.")
+        short = (
+            "With one seed there is no spread to tell a real difference from chance: run with --seeds 3 or "
+            "more before drawing a conclusion."
+        )
     elif not ahead["emd"] and not ahead["ce"]:
-        short = (f"No gap exceeds the spread over the {seeds} seeds, so at {steps} steps these runs do not separate "
-                 "the losses; more --seeds (or --steps) would give a firmer answer.")
+        short = (
+            f"No gap exceeds the spread over the {seeds} seeds, so at {steps} steps these runs do not separate "
+            "the losses; more --seeds (or --steps) would give a firmer answer."
+        )
     else:
         said = []
         if ahead["emd"]:
@@ -239,7 +284,8 @@ def conclusion(results: dict[str, dict[str, list[dict[str, Any]]]], seeds: int, 
             said.append("cross-entropy led the EMD losses beyond that spread on " + ", ".join(ahead["ce"]))
         rest = len(VERDICTS) - len(ahead["emd"]) - len(ahead["ce"])
         others = {0: "", 1: "; the other comparison is within the spread"}.get(
-            rest, f"; the other {rest} comparisons are within the spread")
+            rest, f"; the other {rest} comparisons are within the spread"
+        )
         short = "; ".join(said) + others + "."
         short = short[0].upper() + short[1:]
     runs = f"{seeds} seed{'s' if seeds != 1 else ''}, {steps} step{'s' if steps != 1 else ''} a run"

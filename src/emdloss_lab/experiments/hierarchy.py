@@ -97,8 +97,16 @@ def run_generated(tree_name: str, per_class: int, loss: str, seed: int, cfg: dic
     task = generated_task(tree, per_class, seed, cfg)
     runner.seed_everything(seed)
     model = mlp(cfg["dim"], tree.num_classes, 0)
-    train(model, make_loss(loss, tree, **LOSS_KW), task["x_train"], task["y_train"], steps=cfg["steps"],
-          lr=cfg["lr"], batch_size=cfg["batch"], seed=seed)
+    train(
+        model,
+        make_loss(loss, tree, **LOSS_KW),
+        task["x_train"],
+        task["y_train"],
+        steps=cfg["steps"],
+        lr=cfg["lr"],
+        batch_size=cfg["batch"],
+        seed=seed,
+    )
     with torch.no_grad():
         return tree_metrics(model(task["x_test"]), task["y_test"], tree)
 
@@ -109,16 +117,31 @@ def run_digits(per_class: int, loss: str, seed: int, steps: int) -> dict[str, fl
     task = tree_task(seed, per_class)
     runner.seed_everything(seed)
     model = mlp(task["x_train"].shape[1], 10, 64)
-    train(model, make_loss(loss, task["tree"], **LOSS_KW), task["x_train"], task["y_train"], steps=steps,
-          lr=1e-2, batch_size=64, seed=seed)
+    train(
+        model,
+        make_loss(loss, task["tree"], **LOSS_KW),
+        task["x_train"],
+        task["y_train"],
+        steps=steps,
+        lr=1e-2,
+        batch_size=64,
+        seed=seed,
+    )
     with torch.no_grad():
         return tree_metrics(model(task["x_test"]), task["y_test"], task["tree"])
 
 
 def configuration(quick: bool, seeds: int, smoke: bool = False) -> dict[str, Any]:
     quick = quick or smoke
-    gen = {"dim": 32, "sigma_node": 1.0, "sigma_within": 3.0, "test_per_class": 2 if smoke else 10, "lr": 1e-2,
-           "batch": 256, "steps": 5 if smoke else 60 if quick else 250}
+    gen = {
+        "dim": 32,
+        "sigma_node": 1.0,
+        "sigma_within": 3.0,
+        "test_per_class": 2 if smoke else 10,
+        "lr": 1e-2,
+        "batch": 256,
+        "steps": 5 if smoke else 60 if quick else 250,
+    }
     return {
         "experiment": "hierarchy",
         "seeds": seeds,
@@ -128,8 +151,11 @@ def configuration(quick: bool, seeds: int, smoke: bool = False) -> dict[str, Any
         "imagenet_per_class": [2] if smoke else [20] if quick else [5, 10, 20, 50, 100],
         "other_trees": [] if quick else ["inat19", "tiered"],
         "other_per_class": 50,
-        "digits": {"per_class": 5, "steps": 10 if smoke else 100 if quick else 300,
-                   "model": "MLP(64) Adam lr 1e-2 batch 64; tree: average linkage of training class means"},
+        "digits": {
+            "per_class": 5,
+            "steps": 10 if smoke else 100 if quick else 300,
+            "model": "MLP(64) Adam lr 1e-2 batch 64; tree: average linkage of training class means",
+        },
     }
 
 
@@ -157,16 +183,20 @@ def run(args: argparse.Namespace) -> int:
     for t, k, loss, s in units:
         results.setdefault(f"{t}/{k}", {}).setdefault(loss, []).append(ckpt[f"{t}/{k}/{loss}/{s}"])
 
-    titles = {"imagenet": "ImageNet-1k WordNet tree, generated features", "inat19": "iNaturalist-19 tree, generated "
-              "features", "tiered": "tieredImageNet-H tree, generated features",
-              "digits": "digits (real images), tree from clustering"}
+    titles = {
+        "imagenet": "ImageNet-1k WordNet tree, generated features",
+        "inat19": "iNaturalist-19 tree, generated features",
+        "tiered": "tieredImageNet-H tree, generated features",
+        "digits": "digits (real images), tree from clustering",
+    }
     text = [runner.report_header("Hierarchical classification in the small-data regime", cfg)]
     for group, by_loss in results.items():
         t, k = group.split("/")
-        text.append(f"## {titles[t]}, {k} training examples a class\n\n"
-                    + loss_table(by_loss, LOSSES, METRICS) + "\n")
-    text.append("Test split, mean ± std over seeds. Higher is better for top1/top5; lower for the others "
-                "(mistake severity and LCA height are over the mistakes only).\n")
+        text.append(f"## {titles[t]}, {k} training examples a class\n\n" + loss_table(by_loss, LOSSES, METRICS) + "\n")
+    text.append(
+        "Test split, mean ± std over seeds. Higher is better for top1/top5; lower for the others "
+        "(mistake severity and LCA height are over the mistakes only).\n"
+    )
     runner.publish(out, {"config": cfg, "results": results}, text)
     _plot(results, cfg["imagenet_per_class"], out / "hierarchy_imagenet_sweep.png")
     runner.wrote(out, ["report.md", "results.json", "hierarchy_imagenet_sweep.png"], time.perf_counter() - t0)

@@ -74,32 +74,48 @@ def default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, nonnegative = runner.positive_int, runner.nonnegative_int
-    parser.add_argument("--root", required=True,
-                        help="ImageNet folder holding train/<wnid>/<images> (and optionally val/<wnid>/<images>)")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="ImageNet folder holding train/<wnid>/<images> (and optionally val/<wnid>/<images>)",
+    )
     parser.add_argument("--out", default="imagenet-run", help="output folder (last.pt checkpoint, results.json)")
-    parser.add_argument("--isa", default=None,
-                        help="is-a edge file, 'PARENT CHILD' wnids per line (e.g. ImageNet's wordnet.is_a.txt); "
-                             "default: the project's ImageNet-1k tree, for exactly the 1,000 ImageNet-1k classes")
+    parser.add_argument(
+        "--isa",
+        default=None,
+        help="is-a edge file, 'PARENT CHILD' wnids per line (e.g. ImageNet's wordnet.is_a.txt); "
+        "default: the project's ImageNet-1k tree, for exactly the 1,000 ImageNet-1k classes",
+    )
     parser.add_argument("--per-class", type=nonnegative, default=50, help="training images a class (0 = all)")
     parser.add_argument("--loss", choices=LOSSES, default="ce", help="training loss")
     parser.add_argument("--arch", default="resnet18", help="torchvision model name, or small-cnn")
     parser.add_argument("--epochs", type=positive, default=90, help="epochs in total")
     parser.add_argument("--batch-size", type=positive, default=256, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=0.1,
-                        help="learning rate for a global batch of 256 (scaled linearly)")
+    parser.add_argument(
+        "--lr", type=float, default=0.1, help="learning rate for a global batch of 256 (scaled linearly)"
+    )
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     parser.add_argument("--image-size", type=positive, default=224, help="side of the square input images")
-    parser.add_argument("--workers", type=nonnegative, default=default_workers(),
-                        help="data-loading processes per training process (0: load in the training process; "
-                             "default: %(default)s, the CPUs available here, at most 8)")
+    parser.add_argument(
+        "--workers",
+        type=nonnegative,
+        default=default_workers(),
+        help="data-loading processes per training process (0: load in the training process; "
+        "default: %(default)s, the CPUs available here, at most 8)",
+    )
     parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16", help="autocast dtype on CUDA")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsample, the data order and the weights")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, with the same options")
-    parser.add_argument("--stop-after", type=positive, default=None,
-                        help="end this invocation after this many epochs in total (for time-limited jobs; "
-                             "continue later with --resume)")
-    parser.add_argument("--device", default=None,
-                        help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--stop-after",
+        type=positive,
+        default=None,
+        help="end this invocation after this many epochs in total (for time-limited jobs; "
+        "continue later with --resume)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -113,8 +129,12 @@ def list_images(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{folder} has no class sub-folders")
-    samples = [(str(p), i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-               if p.suffix.lower() in IMAGE_EXTENSIONS]
+    samples = [
+        (str(p), i)
+        for i, c in enumerate(classes)
+        for p in sorted((folder / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     return classes, samples
 
 
@@ -196,8 +216,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate((32, 64, 128, 256)):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1, bias=False), nn.BatchNorm2d(c),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)
@@ -223,8 +246,10 @@ def build_model(arch: str, num_classes: int) -> tuple[nn.Module, str]:
         if not hasattr(tvm, arch):
             raise UsageError(f"--arch {arch!r} is not a torchvision model: use a name such as resnet18, or small-cnn")
         return getattr(tvm, arch)(num_classes=num_classes), arch
-    print(f"emdloss: torchvision is not importable here; using the package's SmallCNN instead of {arch!r}",
-          file=sys.stderr)
+    print(
+        f"emdloss: torchvision is not importable here; using the package's SmallCNN instead of {arch!r}",
+        file=sys.stderr,
+    )
     return SmallCNN(num_classes), "small-cnn"
 
 
@@ -246,8 +271,10 @@ def build_tree(classes: list[str], isa: str | None) -> Tree:
         raise DataUnavailable(f"without --isa FILE the ImageNet-1k tree comes from the shared data: {exc}") from exc
     names = [tree.names[int(v)] for v in tree.classes]
     if names != classes:
-        raise UsageError(f"the {len(classes)} class folders are not the 1,000 ImageNet-1k wnids: pass their "
-                         "hierarchy with --isa FILE")
+        raise UsageError(
+            f"the {len(classes)} class folders are not the 1,000 ImageNet-1k wnids: pass their "
+            "hierarchy with --isa FILE"
+        )
     return tree
 
 
@@ -312,8 +339,10 @@ def _run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     out = runner.output_folder(args.out) if rank == 0 else Path(args.out)
     if not args.resume and (out / "last.pt").exists():
-        raise runner.CheckpointError(f"--out {out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
-                                     "it, or choose another --out")
+        raise runner.CheckpointError(
+            f"--out {out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
+            "it, or choose another --out"
+        )
     try:
         classes, train_all = list_images(root / "train")
         val_samples: list[tuple[str, int]] = []
@@ -337,8 +366,16 @@ def _run(args: argparse.Namespace) -> int:
         val_ds = PILImageDataset(val_samples, args.image_size, train=False)
     ignored = ("resume", "no_progress", "workers", "device", "stop_after", "debug")
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ignored}
-    config.update({"arch_used": arch, "num_classes": len(classes), "train_images": len(train_samples),
-                   "val_images": len(val_samples), "world_size": world, "tree_nodes": tree.num_nodes})
+    config.update(
+        {
+            "arch_used": arch,
+            "num_classes": len(classes),
+            "train_images": len(train_samples),
+            "val_images": len(val_samples),
+            "world_size": world,
+            "tree_nodes": tree.num_nodes,
+        }
+    )
     model.to(device)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -350,7 +387,8 @@ def _run(args: argparse.Namespace) -> int:
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (args.batch_size * world)))
     total_steps = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
     amp = device.type == "cuda" and args.amp != "off"
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -361,13 +399,15 @@ def _run(args: argparse.Namespace) -> int:
         try:
             state = torch.load(ckpt_path, map_location=device, weights_only=False)
         except Exception as exc:  # a truncated or foreign file: pickle, zip and EOF errors alike
-            raise runner.CheckpointError(f"checkpoint {ckpt_path} cannot be read ({exc.__class__.__name__}: {exc}); "
-                                         "delete it to start over") from None
+            raise runner.CheckpointError(
+                f"checkpoint {ckpt_path} cannot be read ({exc.__class__.__name__}: {exc}); delete it to start over"
+            ) from None
         if state["config"] != runner.to_jsonable(config):
             changed = runner.config_changes(state["config"], config)
             raise runner.CheckpointError(
                 f"--resume: {ckpt_path} belongs to a different configuration ({changed}); resume with the options "
-                "of the earlier run, or use another --out for the new ones")
+                "of the earlier run, or use another --out for the new ones"
+            )
         (model.module if world > 1 else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -376,16 +416,25 @@ def _run(args: argparse.Namespace) -> int:
 
     if rank == 0:
         resumed = f", resuming after epoch {start_epoch}" if start_epoch else ""
-        print(f"emdloss train-imagenet: {len(classes)} classes, {len(train_samples)} training images "
-              f"({args.per_class or 'all'} a class), {len(val_samples)} validation images, {arch}, loss {args.loss}, "
-              f"{world} process(es) on {device}; writing to {os.path.join(str(out), '')}{resumed}", file=sys.stderr)
+        print(
+            f"emdloss train-imagenet: {len(classes)} classes, {len(train_samples)} training images "
+            f"({args.per_class or 'all'} a class), {len(val_samples)} validation images, {arch}, loss {args.loss}, "
+            f"{world} process(es) on {device}; writing to {os.path.join(str(out), '')}{resumed}",
+            file=sys.stderr,
+        )
         cpus = available_cpus()
         if args.workers > cpus:
-            print(f"emdloss train-imagenet: note: --workers {args.workers} is more than the {cpus} CPUs available "
-                  f"here; loading may be slower than with --workers {cpus}", file=sys.stderr)
+            print(
+                f"emdloss train-imagenet: note: --workers {args.workers} is more than the {cpus} CPUs available "
+                f"here; loading may be slower than with --workers {cpus}",
+                file=sys.stderr,
+            )
 
-    sampler = (torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
-               if world > 1 else None)
+    sampler = (
+        torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
+        if world > 1
+        else None
+    )
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(start_epoch, last_epoch):
         t0 = time.perf_counter()
@@ -396,9 +445,14 @@ def _run(args: argparse.Namespace) -> int:
         else:
             order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         loader = torch.utils.data.DataLoader(
-            train_ds, batch_size=args.batch_size, sampler=sampler if sampler is not None else order.tolist(),
-            num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=False,
-            persistent_workers=False)
+            train_ds,
+            batch_size=args.batch_size,
+            sampler=sampler if sampler is not None else order.tolist(),
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+            persistent_workers=False,
+        )
         model.train()
         total, count = 0.0, 0
         bar = runner.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=rank == 0 and not args.no_progress)
@@ -414,38 +468,72 @@ def _run(args: argparse.Namespace) -> int:
             sched.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
-        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "lr": sched.get_last_lr()[0],
-                  "seconds": time.perf_counter() - t0}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(count, 1),
+            "lr": sched.get_last_lr()[0],
+            "seconds": time.perf_counter() - t0,
+        }
         if val_samples:
             record.update(evaluate(model, val_ds, tree, device, args, world, rank, amp, amp_dtype))
         history.append(record)
         if rank == 0:
-            runner.torch_save({"model": (model.module if world > 1 else model).state_dict(),
-                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
-                               "config": runner.to_jsonable(config)}, ckpt_path)
-            runner.write_json(out / "results.json", {"config": config, "history": history,
-                                                     "machine": runner.machine_info(),
-                                                     "command": runner.command_line()})
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  file=sys.stderr)
+            runner.torch_save(
+                {
+                    "model": (model.module if world > 1 else model).state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": runner.to_jsonable(config),
+                },
+                ckpt_path,
+            )
+            runner.write_json(
+                out / "results.json",
+                {
+                    "config": config,
+                    "history": history,
+                    "machine": runner.machine_info(),
+                    "command": runner.command_line(),
+                },
+            )
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                file=sys.stderr,
+            )
     if rank == 0:
         if start_epoch >= last_epoch:
-            print(f"emdloss train-imagenet: {ckpt_path} already holds {start_epoch} epoch(s); nothing to train",
-                  file=sys.stderr)
+            print(
+                f"emdloss train-imagenet: {ckpt_path} already holds {start_epoch} epoch(s); nothing to train",
+                file=sys.stderr,
+            )
         else:
             runner.wrote(out, ["last.pt", "results.json"], time.perf_counter() - t_start)
     return 0
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Any, tree: Tree, device: torch.device, args: argparse.Namespace, world: int,
-             rank: int, amp: bool, amp_dtype: torch.dtype) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    ds: Any,
+    tree: Tree,
+    device: torch.device,
+    args: argparse.Namespace,
+    world: int,
+    rank: int,
+    amp: bool,
+    amp_dtype: torch.dtype,
+) -> dict[str, float]:
     """Validation metrics (top-1/5, mistake severity, LCA height, hdist@5, EMD), all-reduced across processes."""
     from emdloss.metrics import HierarchicalMetrics
 
-    sampler = (torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False, drop_last=False)
-               if world > 1 else None)
+    sampler = (
+        torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False, drop_last=False)
+        if world > 1
+        else None
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers)
     m = HierarchicalMetrics(tree, k=min(5, tree.num_classes))
     model.eval()

@@ -104,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
         key = f"{d}/{loss}/{s}"
         if key not in ckpt:
             ckpt[key] = run_unit(d, loss, s, config["steps"])
-    results = {d: {loss: [ckpt[f"{d}/{loss}/{s}"] for s in range(seeds)] for loss in LOSSES}
-               for d in config["datasets"]}
+    results = {
+        d: {loss: [ckpt[f"{d}/{loss}/{s}"] for s in range(seeds)] for loss in LOSSES} for d in config["datasets"]
+    }
     text = [runner.report_header("Ordinal classification on real tables (chains)", config)]
     for d in config["datasets"]:
         text.append(f"## {d}\n\n" + loss_table(results[d], LOSSES, METRICS) + "\n")
@@ -123,8 +124,14 @@ def _plot(results: dict[str, Any], datasets: list[str], path: Path) -> None:
     for ax, metric in zip(axes, ["mae", "qwk"]):
         for i, loss in enumerate(LOSSES):
             sm = [summarize(results[d][loss], [metric])[metric] for d in datasets]
-            ax.bar(np.arange(len(datasets)) + i * width, [m for m, _ in sm], width, yerr=[s for _, s in sm],
-                   label=loss, capsize=2)
+            ax.bar(
+                np.arange(len(datasets)) + i * width,
+                [m for m, _ in sm],
+                width,
+                yerr=[s for _, s in sm],
+                label=loss,
+                capsize=2,
+            )
         ax.set_xticks(np.arange(len(datasets)) + 0.4 - width / 2, datasets)
         ax.set_ylabel(f"test {metric}")
         ax.legend(fontsize=7)

@@ -97,8 +97,9 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (PNG unless the suffix says otherwise) and close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=kwargs.pop("dpi", 120), bbox_inches="tight",
-                **kwargs)
+    fig.savefig(
+        buf, format=Path(path).suffix.lstrip(".") or "png", dpi=kwargs.pop("dpi", 120), bbox_inches="tight", **kwargs
+    )
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
     import matplotlib.pyplot as plt
@@ -134,7 +135,7 @@ def to_jsonable(x: Any) -> Any:
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch Generator seeded the same way."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code draws from numpy's global state
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
@@ -172,8 +173,9 @@ def config_changes(old: Any, new: Any) -> str:
         return text if len(text) <= 40 else text[:37] + "..."
 
     keys = [*old, *(k for k in new if k not in old)]
-    return ", ".join(f"{k} {show(old, k)} -> {show(new, k)}" for k in keys
-                     if k not in old or k not in new or old[k] != new[k])
+    return ", ".join(
+        f"{k} {show(old, k)} -> {show(new, k)}" for k in keys if k not in old or k not in new or old[k] != new[k]
+    )
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -287,6 +289,7 @@ def fmt_mean_std(values: Iterable[float], digits: int = 3) -> str:
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table."""
+
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -155,13 +155,21 @@ def add_experiment_arguments(parser: Any, default_seeds: int) -> None:
     """The options every ``emdloss experiment NAME`` shares."""
     parser.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in < 2 min")
-    parser.add_argument("--seeds", type=runner.positive_int, default=None,
-                        help=f"number of seeds (default {default_seeds}; with --quick: 2)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run in the same --out, with the same options")
+    parser.add_argument(
+        "--seeds",
+        type=runner.positive_int,
+        default=None,
+        help=f"number of seeds (default {default_seeds}; with --quick: 2)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in the same --out, with the same options"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run that checks the pipeline end to end (its numbers mean nothing)",
+    )
 
 
 def num_seeds(args: Any, default_seeds: int) -> int:

@@ -97,7 +97,20 @@ def tree_rows(
     threads = numba.get_num_threads()
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
         dist, depth = distance_rows(tree, x.dtype)
-        _run(one_row._distance_kernel, x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, threads)
+        _run(
+            one_row._distance_kernel,
+            x,
+            y,
+            ignore_index,
+            dist,
+            depth,
+            from_logits,
+            need_grad,
+            scale,
+            loss,
+            grad,
+            threads,
+        )
         return loss, grad if need_grad else None
     q = soft if soft is not None else zero_row(c, x.dtype)
     if tree.is_chain:
@@ -105,7 +118,21 @@ def tree_rows(
     else:
         it = InternalTree.cached(tree)
         arrays = (it.slot, it.leaf_w, it.parent, it.weight)
-    args = (x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, tree.is_chain, *arrays, float(rho), threads)
+    args = (
+        x,
+        q,
+        y,
+        ignore_index,
+        from_logits,
+        need_grad,
+        scale,
+        loss,
+        grad,
+        tree.is_chain,
+        *arrays,
+        float(rho),
+        threads,
+    )
     lanes = load_lane_kernels()
     if lanes is not None and lanes.lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize):
         try:

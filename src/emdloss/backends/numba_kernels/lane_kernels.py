@@ -92,16 +92,18 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
     ``tail`` (LANES x LANES scratch), zero past ``n_cls``, so that no read leaves the array."""
     if jb + LANES <= n_cls:
         return lanes_columns(q_flat, q_offsets, jb)
-    for l in range(LANES):
+    for lane in range(LANES):
         for c in range(LANES):
-            tail[l * LANES + c] = q_flat[q_offsets[l] + jb + c] if jb + c < n_cls else 0.0
+            tail[lane * LANES + c] = q_flat[q_offsets[lane] + jb + c] if jb + c < n_cls else 0.0
     return lanes_columns(tail, _row_offsets(LANES), 0)
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, cost, dcost):  # pragma: no cover
-    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[l * W : l * W + C]`` (W = the padded
-    width, ``spacing.shape[0]``). With ``need_grad``, ``g[l * W + j]`` <- dL/dp_j of row l; ``h`` (W * LANES)
+def _chain_block(
+    p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, cost, dcost
+):  # pragma: no cover
+    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
+    width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
     is scratch. ``spacing[0]`` is 0: no edge below class 0."""
     width = spacing.shape[0]
     offsets = _row_offsets(width)
@@ -140,9 +142,28 @@ def _path_gradient(h, mass, slot, j):  # pragma: no cover
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, cost, dcost):  # pragma: no cover
-    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[l * W : l * W + C]`` (W = the padded
-    width, ``slot.shape[0]``). With ``need_grad``, ``g[l * W + j]`` <- dL/dp_j of row l. ``mass`` (I * LANES),
+def _tree_block(
+    p,
+    q_flat,
+    q_offsets,
+    labels,
+    n_cls,
+    slot,
+    leaf_w,
+    parent,
+    weight,
+    rho,
+    need_grad,
+    mass,
+    h,
+    g,
+    tail,
+    dots,
+    cost,
+    dcost,
+):  # pragma: no cover
+    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
+    width, ``slot.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane. ``mass`` (I * LANES),
     ``h`` (W * LANES), ``tail`` (LANES * LANES) and ``dots`` (LANES) are scratch. A class-index target's -1
     is added at its label after the class pass, so that pass reads no target for them."""
     width = slot.shape[0]
@@ -165,14 +186,14 @@ def _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weigh
                 lanes_store(h, j * LANES, dcost(d, leaf_w[j], rho))
     if not soft:  # the -1 of each row's one-hot target, at its label
         lanes_store(dots, 0, total)
-        for l in range(LANES):
-            y = labels[l]
+        for lane in range(LANES):
+            y = labels[lane]
             if y >= 0:
-                py = float(p[l * width + y])
-                mass[slot[y] * LANES + l] -= 1.0
-                dots[l] += _cost(py - 1.0, leaf_w[y], rho) - _cost(py, leaf_w[y], rho)
+                py = float(p[lane * width + y])
+                mass[slot[y] * LANES + lane] -= 1.0
+                dots[lane] += _cost(py - 1.0, leaf_w[y], rho) - _cost(py, leaf_w[y], rho)
                 if need_grad:
-                    h[y * LANES + l] = _dcost(py - 1.0, leaf_w[y], rho)
+                    h[y * LANES + lane] = _dcost(py - 1.0, leaf_w[y], rho)
         total = lanes_load(dots, 0)
     for k in range(n_int - 1, 0, -1):
         s = parent[k] * LANES
@@ -192,45 +213,114 @@ def _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weigh
             ))  # fmt: skip
     return lanes_to_tuple(total)
 
+
 # One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
 # LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
 
 
 @njit(fastmath=FASTMATH)
 def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho1, _lanes_dcost_rho1)
+    return _chain_block(
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho1, _lanes_dcost_rho1
+    )
 
 
 @njit(fastmath=FASTMATH)
 def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho2, _lanes_dcost_rho2)
+    return _chain_block(
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho2, _lanes_dcost_rho2
+    )
 
 
 @njit(fastmath=FASTMATH)
 def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
-    return _chain_block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_pow, _lanes_dcost_pow)
+    return _chain_block(
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_pow, _lanes_dcost_pow
+    )
 
 
 @njit(fastmath=FASTMATH)
-def _tree_rho1(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
-    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
-                       _lanes_cost_rho1, _lanes_dcost_rho1)
+def _tree_rho1(
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+):  # pragma: no cover
+    return _tree_block(
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        slot,
+        leaf_w,
+        parent,
+        weight,
+        rho,
+        need_grad,
+        mass,
+        h,
+        g,
+        tail,
+        dots,
+        _lanes_cost_rho1,
+        _lanes_dcost_rho1,
+    )
 
 
 @njit(fastmath=FASTMATH)
-def _tree_rho2(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
-    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
-                       _lanes_cost_rho2, _lanes_dcost_rho2)
+def _tree_rho2(
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+):  # pragma: no cover
+    return _tree_block(
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        slot,
+        leaf_w,
+        parent,
+        weight,
+        rho,
+        need_grad,
+        mass,
+        h,
+        g,
+        tail,
+        dots,
+        _lanes_cost_rho2,
+        _lanes_dcost_rho2,
+    )
 
 
 @njit(fastmath=FASTMATH)
-def _tree_pow(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots):  # pragma: no cover
-    return _tree_block(p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots,
-                       _lanes_cost_pow, _lanes_dcost_pow)
+def _tree_pow(
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+):  # pragma: no cover
+    return _tree_block(
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        slot,
+        leaf_w,
+        parent,
+        weight,
+        rho,
+        need_grad,
+        mass,
+        h,
+        g,
+        tail,
+        dots,
+        _lanes_cost_pow,
+        _lanes_dcost_pow,
+    )
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads):  # pragma: no cover
+def _lanes_kernel(
+    x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads
+):  # pragma: no cover
     """Blocks of LANES rows, split in one chunk of blocks per thread. For a chain ``weight`` holds the spacing.
     ``slot``, ``leaf_w`` and the spacing are padded to W, a multiple of LANES (see ``padded_width``).
 
@@ -252,28 +342,46 @@ def _lanes_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gr
         q_rows = np.empty(LANES, dtype=np.int64)
         dots = np.empty(LANES, dtype=np.float64)
         for b in range(t * n_blocks // chunks, (t + 1) * n_blocks // chunks):
-            for l in range(LANES):
-                i = min(b * LANES + l, n - 1)
-                labels[l] = _label(y, i, n_cls, ignore_index)
-                q_rows[l] = (i if q.shape[0] > 1 else 0) * n_cls
-                _probabilities(x, i, from_logits, p, l * width)
+            for lane in range(LANES):
+                i = min(b * LANES + lane, n - 1)
+                labels[lane] = _label(y, i, n_cls, ignore_index)
+                q_rows[lane] = (i if q.shape[0] > 1 else 0) * n_cls
+                _probabilities(x, i, from_logits, p, lane * width)
             lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
             q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
             if chain:
                 args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail)
                 total = _chain_rho1(*args) if rho == 1.0 else _chain_rho2(*args) if rho == 2.0 else _chain_pow(*args)
             else:
-                args = (p, q_flat, q_offsets, lab, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots)
+                args = (
+                    p,
+                    q_flat,
+                    q_offsets,
+                    lab,
+                    n_cls,
+                    slot,
+                    leaf_w,
+                    parent,
+                    weight,
+                    rho,
+                    need_grad,
+                    mass,
+                    h,
+                    g,
+                    tail,
+                    dots,
+                )
                 total = _tree_rho1(*args) if rho == 1.0 else _tree_rho2(*args) if rho == 2.0 else _tree_pow(*args)
-            for l in range(min(LANES, n - b * LANES)):
-                i = b * LANES + l
-                if labels[l] == IGNORED or labels[l] == BAD_LABEL:
-                    _skip_row(i, labels[l], need_grad, loss, grad)
+            for lane in range(min(LANES, n - b * LANES)):
+                i = b * LANES + lane
+                if labels[lane] == IGNORED or labels[lane] == BAD_LABEL:
+                    _skip_row(i, labels[lane], need_grad, loss, grad)
                     continue
-                loss[i] = total[l]
+                loss[i] = total[lane]
                 if need_grad:
-                    _finish_gradient(p, l * width, g[l * width : l * width + n_cls], from_logits, scale, grad, i)
-
+                    _finish_gradient(
+                        p, lane * width, g[lane * width : lane * width + n_cls], from_logits, scale, grad, i
+                    )
 
 
 #: Lane-kernel scratch that is always acceptable, whatever the input's size (cache-sized; see lanes_pay_off).
@@ -293,4 +401,3 @@ def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bo
     threads = min(numba.get_num_threads(), -(-n_rows // LANES))
     scratch = threads * LANES * (padded_width(n_cls) * (itemsize + 16) + n_internal * 8)
     return scratch <= max(n_rows * n_cls * itemsize, LANES_SCRATCH_FLOOR)
-

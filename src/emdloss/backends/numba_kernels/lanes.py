@@ -160,7 +160,9 @@ def lanes_one_hot(typingctx, k, labels):  # pragma: no cover - compiled
         for lane in range(LANES):
             label = context.cast(builder, builder.extract_value(args[1], lane), signature.args[1].dtype, types.int64)
             label_vec = builder.insert_element(label_vec, label, _index(lane))
-        k_vec = builder.insert_element(ir.Constant(ints, ir.Undefined), context.cast(builder, args[0], signature.args[0], types.int64), _index(0))
+        k_vec = builder.insert_element(
+            ir.Constant(ints, ir.Undefined), context.cast(builder, args[0], signature.args[0], types.int64), _index(0)
+        )
         k_vec = builder.shuffle_vector(k_vec, k_vec, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
         hit = builder.icmp_signed("==", label_vec, k_vec)
         return builder.select(hit, _splat(builder, ir.Constant(_F64, 1.0)), _splat(builder, ir.Constant(_F64, 0.0)))
@@ -254,7 +256,10 @@ def _transpose(builder, rows: list) -> list:
     """The 8 x 8 transpose of eight 8-vectors (row r, element c -> vector c, element r)."""
     unpacked = []
     for r in range(0, 8, 2):
-        unpacked += [_shuffle(builder, rows[r], rows[r + 1], _UNPACK_LO), _shuffle(builder, rows[r], rows[r + 1], _UNPACK_HI)]
+        unpacked += [
+            _shuffle(builder, rows[r], rows[r + 1], _UNPACK_LO),
+            _shuffle(builder, rows[r], rows[r + 1], _UNPACK_HI),
+        ]
     quads = []
     for base in (0, 4):
         lo01, hi01, lo23, hi23 = unpacked[base : base + 4]
@@ -299,7 +304,9 @@ def lanes_columns(typingctx, array, offsets, j):  # pragma: no cover - compiled
     def codegen(context, builder, signature, args):
         element = context.get_data_type(signature.args[0].dtype)
         pointers = _row_pointers(context, builder, signature, args, ir.VectorType(element, LANES))
-        columns = _transpose(builder, [builder.load(ptr, align=element.get_abi_alignment(context.target_data)) for ptr in pointers])
+        columns = _transpose(
+            builder, [builder.load(ptr, align=element.get_abi_alignment(context.target_data)) for ptr in pointers]
+        )
         if signature.args[0].dtype == types.float32:
             columns = [builder.fpext(column, _VEC) for column in columns]
         return context.make_tuple(builder, result, columns)

@@ -69,7 +69,9 @@ def _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g):  # p
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads):  # pragma: no cover
+def _rows_kernel(
+    x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads
+):  # pragma: no cover
     """One row at a time, rows split in one chunk per thread. For a chain ``weight`` holds the spacing."""
     n, n_cls = x.shape
     chunks = min(n, threads)
@@ -79,7 +81,7 @@ def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gra
         mass = np.empty(0 if chain else parent.shape[0], dtype=np.float64)
         for i in range(t * n // chunks, (t + 1) * n // chunks):
             label = _label(y, i, n_cls, ignore_index)
-            if label == IGNORED or label == BAD_LABEL:
+            if label in (IGNORED, BAD_LABEL):
                 _skip_row(i, label, need_grad, loss, grad)
                 continue
             qi = i if q.shape[0] > 1 else 0
@@ -92,12 +94,13 @@ def _rows_kernel(x, q, y, ignore_index, from_logits, need_grad, scale, loss, gra
                 _finish_gradient(p, 0, g, from_logits, scale, grad, i)
 
 
-
 # ---------------------------------------------------------------------- hard targets, rho = 1
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def _distance_kernel(x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, threads):  # pragma: no cover
+def _distance_kernel(
+    x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, threads
+):  # pragma: no cover
     """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j], with the softmax fused in.
 
     dL/dp_j = D[y, j] - depth(y): the sum of w_e sign(f_e) over the edges above j, with the signs of
@@ -127,4 +130,3 @@ def _distance_kernel(x, y, ignore_index, dist, depth, from_logits, need_grad, sc
                     shift = depth[label]
                     for j in range(n_cls):
                         grad[i, j] = (row[j] - shift) * scale
-

@@ -143,4 +143,3 @@ def _finish_gradient(p, base, g, from_logits, scale, grad, i):  # pragma: no cov
     else:
         for j in range(n_cls):
             grad[i, j] = g[j] * scale
-

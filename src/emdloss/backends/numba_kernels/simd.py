@@ -87,7 +87,9 @@ def _max_through_ints(row, bits, lowest, shift, magnitude):  # pragma: no cover 
 @overload(row_max, inline="always")
 def _row_max_overload(row):
     if row.dtype == types.float32:
-        return lambda row: _max_through_ints(row, row.view(np.int32), np.int32(-(2**31)), np.int32(31), np.int32(2**31 - 1))
+        return lambda row: _max_through_ints(
+            row, row.view(np.int32), np.int32(-(2**31)), np.int32(31), np.int32(2**31 - 1)
+        )
     return lambda row: _max_through_ints(row, row.view(np.int64), np.int64(-(2**63)), np.int64(63), np.int64(2**63 - 1))
 
 
