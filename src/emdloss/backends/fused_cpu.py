@@ -38,7 +38,6 @@ class _FusedEMDFunction(torch.autograd.Function):
         soft = batch.soft.detach().to(compute).contiguous().numpy() if batch.soft is not None else None
         ctx.row_weight = batch.row_weight
         need_grad = bool(ctx.needs_input_grad[0])
-        kernels.follow_torch_threads()
         loss, grad = kernels.tree_rows(
             xc, labels, soft, tree, rho, batch.from_logits, need_grad, batch.ignore_index, ctx.row_weight
         )

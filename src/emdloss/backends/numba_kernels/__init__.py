@@ -26,12 +26,11 @@ import warnings
 from collections.abc import Callable
 from types import ModuleType
 
-import numba
 import numpy as np
 
 from ...tree import Tree
 from ..base import BackendWarning
-from . import one_row
+from . import one_row, pool
 from .tree_arrays import InternalTree, chain_spacing, distance_rows
 
 #: Largest class count for which hard rho=1 targets use the cached C x C distance matrix (64 MiB float32).
@@ -94,23 +93,10 @@ def tree_rows(
     if n == 0:
         return loss, grad if need_grad else None
     y = labels if labels is not None else np.empty(0, dtype=np.int64)
-    threads = numba.get_num_threads()
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
         dist, depth = distance_rows(tree, x.dtype)
-        _run(
-            one_row._distance_kernel,
-            x,
-            y,
-            ignore_index,
-            dist,
-            depth,
-            from_logits,
-            need_grad,
-            scale,
-            loss,
-            grad,
-            threads,
-        )
+        args = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
+        _run(one_row._distance_kernel, n, n * c, *args)
         return loss, grad if need_grad else None
     q = soft if soft is not None else zero_row(c, x.dtype)
     if tree.is_chain:
@@ -131,23 +117,25 @@ def tree_rows(
         tree.is_chain,
         *arrays,
         float(rho),
-        threads,
     )
+    work = n * (c + arrays[2].shape[0])
     lanes = load_lane_kernels()
     if lanes is not None and lanes.lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize):
         try:
-            lanes._lanes_kernel(*args)
+            n_blocks = -(-n // lanes.LANES)
+            pool.run_rows(lanes._lanes_kernel, n_blocks, work, *args, *lanes.block_markers(tree.is_chain, rho))
             return loss, grad if need_grad else None
         except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
             disable_lane_kernels(exc)
-    _run(one_row._rows_kernel, *args)
+    _run(one_row._rows_kernel, n, work, *args)
     return loss, grad if need_grad else None
 
 
-def _run(kernel: Callable[..., None], *args: object) -> None:
-    """Call a one-row kernel; a failure (compilation: the kernels raise nothing at run time) is a KernelFailure."""
+def _run(kernel: Callable[..., None], n_rows: int, work: int, *args: object) -> None:
+    """Run a one-row kernel over the rows; a failure (compilation: the kernels raise nothing at run time) is a
+    KernelFailure."""
     try:
-        kernel(*args)
+        pool.run_rows(kernel, n_rows, work, *args)
     except Exception as exc:
         raise KernelFailure(f"{type(exc).__name__}: {exc}") from exc
 
@@ -160,16 +148,3 @@ _EMPTY_FLOAT = np.empty(0, dtype=np.float64)
 def zero_row(n_cls: int, dtype: np.dtype) -> np.ndarray:
     """A (1, C) row of zeros: the "distribution" part of class-index targets (see :mod:`.row_ops`)."""
     return np.zeros((1, n_cls), dtype=dtype)
-
-
-def follow_torch_threads() -> None:
-    """Run the kernels on as many threads as torch uses (``torch.set_num_threads`` governs both).
-
-    Called before every kernel. ``numba.get_num_threads`` also (re)registers this process with numba's OpenMP
-    layer, which otherwise terminates a forked child whose parent ran a parallel region: keep that call first
-    (``tests/test_reliability.py`` forks after use)."""
-    import torch
-
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)

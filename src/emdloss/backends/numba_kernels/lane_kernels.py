@@ -5,10 +5,10 @@ batches of 8 rows and more (:func:`lanes_pay_off`). The sweeps are those of :mod
 
 from __future__ import annotations
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from . import pool
 from .lanes import (
     lanes_abs,
     lanes_clamp_unit,
@@ -216,6 +216,7 @@ def _tree_block(
 
 # One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
 # LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
+# A call compiles only the block it runs (see block_markers).
 
 
 @njit(fastmath=FASTMATH)
@@ -317,71 +318,98 @@ def _tree_pow(
     )
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+#: The six block functions, in the order of the kernel's ``use_*`` arguments (see :func:`block_markers`).
+BLOCKS = ("chain_rho1", "chain_rho2", "chain_pow", "tree_rho1", "tree_rho2", "tree_pow")
+
+
+def block_markers(chain: bool, rho: float) -> tuple[bool | None, ...]:
+    """The kernel's six ``use_*`` arguments for a call: True for the block it needs, None for the others.
+
+    numba removes ``if arg is not None`` branches at compile time when ``arg`` is None, so each signature of
+    :func:`_lanes_kernel` compiles one block, not six: the first call compiles about a sixth of the code, and
+    each compiled variant is cached on disk under its own signature."""
+    kind = "chain" if chain else "tree"
+    exponent = "rho1" if rho == 1.0 else "rho2" if rho == 2.0 else "pow"
+    wanted = f"{kind}_{exponent}"
+    return tuple(True if name == wanted else None for name in BLOCKS)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _lanes_kernel(
-    x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads
+    first,
+    end,
+    x,
+    q,
+    y,
+    ignore_index,
+    from_logits,
+    need_grad,
+    scale,
+    loss,
+    grad,
+    chain,
+    slot,
+    leaf_w,
+    parent,
+    weight,
+    rho,
+    use_chain_rho1,
+    use_chain_rho2,
+    use_chain_pow,
+    use_tree_rho1,
+    use_tree_rho2,
+    use_tree_pow,
 ):  # pragma: no cover
-    """Blocks of LANES rows, split in one chunk of blocks per thread. For a chain ``weight`` holds the spacing.
-    ``slot``, ``leaf_w`` and the spacing are padded to W, a multiple of LANES (see ``padded_width``).
+    """Row blocks ``[first, end)`` (rows ``LANES * first`` to ``LANES * end``), on the calling thread. For a chain ``weight`` holds the
+    spacing. ``slot``, ``leaf_w`` and the spacing are padded to W, a multiple of LANES (see ``padded_width``).
+    The ``use_*`` arguments (:func:`block_markers`) name the one block function this call runs.
 
     Lanes past the last row repeat it; ignored rows and bad labels are computed against no target (their
     outputs are then overwritten).
     """
     n, n_cls = x.shape
     width = weight.shape[0] if chain else slot.shape[0]
-    n_blocks = (n + LANES - 1) // LANES
-    chunks = min(n_blocks, threads)
     q_flat = q.ravel()
-    for t in prange(chunks):
-        p = np.zeros(LANES * width, dtype=x.dtype)  # the padding stays 0
-        g = np.empty(LANES * width if need_grad else 0, dtype=np.float64)  # every block writes all of it
-        h = np.empty(LANES * width if need_grad else 0, dtype=np.float64)
-        mass = np.empty(0 if chain else LANES * parent.shape[0], dtype=np.float64)
-        tail = np.empty(LANES * LANES, dtype=q.dtype)
-        labels = np.empty(LANES, dtype=np.int64)
-        q_rows = np.empty(LANES, dtype=np.int64)
-        dots = np.empty(LANES, dtype=np.float64)
-        for b in range(t * n_blocks // chunks, (t + 1) * n_blocks // chunks):
-            for lane in range(LANES):
-                i = min(b * LANES + lane, n - 1)
-                labels[lane] = _label(y, i, n_cls, ignore_index)
-                q_rows[lane] = (i if q.shape[0] > 1 else 0) * n_cls
-                _probabilities(x, i, from_logits, p, lane * width)
-            lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
-            q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
-            if chain:
-                args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail)
-                total = _chain_rho1(*args) if rho == 1.0 else _chain_rho2(*args) if rho == 2.0 else _chain_pow(*args)
-            else:
-                args = (
-                    p,
-                    q_flat,
-                    q_offsets,
-                    lab,
-                    n_cls,
-                    slot,
-                    leaf_w,
-                    parent,
-                    weight,
-                    rho,
-                    need_grad,
-                    mass,
-                    h,
-                    g,
-                    tail,
-                    dots,
-                )
-                total = _tree_rho1(*args) if rho == 1.0 else _tree_rho2(*args) if rho == 2.0 else _tree_pow(*args)
-            for lane in range(min(LANES, n - b * LANES)):
-                i = b * LANES + lane
-                if labels[lane] == IGNORED or labels[lane] == BAD_LABEL:
-                    _skip_row(i, labels[lane], need_grad, loss, grad)
-                    continue
-                loss[i] = total[lane]
-                if need_grad:
-                    _finish_gradient(
-                        p, lane * width, g[lane * width : lane * width + n_cls], from_logits, scale, grad, i
-                    )
+    p = np.zeros(LANES * width, dtype=x.dtype)  # the padding stays 0
+    g = np.empty(LANES * width if need_grad else 0, dtype=np.float64)  # every block writes all of it
+    h = np.empty(LANES * width if need_grad else 0, dtype=np.float64)
+    mass = np.empty(0 if chain else LANES * parent.shape[0], dtype=np.float64)
+    tail = np.empty(LANES * LANES, dtype=q.dtype)
+    labels = np.empty(LANES, dtype=np.int64)
+    q_rows = np.empty(LANES, dtype=np.int64)
+    dots = np.empty(LANES, dtype=np.float64)
+    for b in range(first, end):
+        for lane in range(LANES):
+            i = min(b * LANES + lane, n - 1)
+            labels[lane] = _label(y, i, n_cls, ignore_index)
+            q_rows[lane] = (i if q.shape[0] > 1 else 0) * n_cls
+            _probabilities(x, i, from_logits, p, lane * width)
+        lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
+        q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
+        chain_args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail)
+        tree_args = (p, q_flat, q_offsets, lab, n_cls, slot, leaf_w, parent, weight, rho, need_grad)
+        scratch = (mass, h, g, tail, dots)
+        total = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if use_chain_rho1 is not None:
+            total = _chain_rho1(*chain_args)
+        if use_chain_rho2 is not None:
+            total = _chain_rho2(*chain_args)
+        if use_chain_pow is not None:
+            total = _chain_pow(*chain_args)
+        if use_tree_rho1 is not None:
+            total = _tree_rho1(*tree_args, *scratch)
+        if use_tree_rho2 is not None:
+            total = _tree_rho2(*tree_args, *scratch)
+        if use_tree_pow is not None:
+            total = _tree_pow(*tree_args, *scratch)
+        for lane in range(min(LANES, n - b * LANES)):
+            i = b * LANES + lane
+            if labels[lane] == IGNORED or labels[lane] == BAD_LABEL:
+                _skip_row(i, labels[lane], need_grad, loss, grad)
+                continue
+            loss[i] = total[lane]
+            if need_grad:
+                _finish_gradient(p, lane * width, g[lane * width : lane * width + n_cls], from_logits, scale, grad, i)
 
 
 #: Lane-kernel scratch that is always acceptable, whatever the input's size (cache-sized; see lanes_pay_off).
@@ -398,6 +426,6 @@ def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bo
     takes 0.06 ms for a batch of 64 through the lanes and 0.26 ms one row at a time; 0.02 and 0.04 ms at 8."""
     if n_rows < LANES:
         return False
-    threads = min(numba.get_num_threads(), -(-n_rows // LANES))
+    threads = min(pool.threads(), -(-n_rows // LANES))
     scratch = threads * LANES * (padded_width(n_cls) * (itemsize + 16) + n_internal * 8)
     return scratch <= max(n_rows * n_cls * itemsize, LANES_SCRATCH_FLOOR)

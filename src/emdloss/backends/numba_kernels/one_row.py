@@ -12,13 +12,14 @@ internal, else its parent) and internal nodes numbered in DFS pre-order (:mod:`.
     dL/dp_j = g_j = G[slot[j]] + h(d_j, leafw_j),     h(f, w) = rho w sign(f) |f|^(rho-1)
     dL/dx_j = p_j (g_j - <p, g>)              through the softmax
 
-Sums run in float64 scalars; rows are split in one chunk per thread.
+Sums run in float64 scalars. Each kernel does the rows ``[first, end)`` on the calling thread; :mod:`.pool`
+splits a batch across threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .row_ops import BAD_LABEL, IGNORED, _cost, _dcost, _finish_gradient, _label, _probabilities, _skip_row
 from .simd import FASTMATH
@@ -68,65 +69,77 @@ def _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g):  # p
     return total
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _rows_kernel(
-    x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, chain, slot, leaf_w, parent, weight, rho, threads
+    first,
+    end,
+    x,
+    q,
+    y,
+    ignore_index,
+    from_logits,
+    need_grad,
+    scale,
+    loss,
+    grad,
+    chain,
+    slot,
+    leaf_w,
+    parent,
+    weight,
+    rho,
 ):  # pragma: no cover
-    """One row at a time, rows split in one chunk per thread. For a chain ``weight`` holds the spacing."""
-    n, n_cls = x.shape
-    chunks = min(n, threads)
-    for t in prange(chunks):
-        p = np.empty(n_cls, dtype=x.dtype)
-        g = np.empty(n_cls if need_grad else 0, dtype=np.float64)
-        mass = np.empty(0 if chain else parent.shape[0], dtype=np.float64)
-        for i in range(t * n // chunks, (t + 1) * n // chunks):
-            label = _label(y, i, n_cls, ignore_index)
-            if label in (IGNORED, BAD_LABEL):
-                _skip_row(i, label, need_grad, loss, grad)
-                continue
-            qi = i if q.shape[0] > 1 else 0
-            _probabilities(x, i, from_logits, p, 0)
-            if chain:
-                loss[i] = _chain_row(p, q, qi, label, weight, rho, g)
-            else:
-                loss[i] = _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g)
-            if need_grad:
-                _finish_gradient(p, 0, g, from_logits, scale, grad, i)
+    """Rows ``[first, end)``, one at a time. For a chain ``weight`` holds the spacing."""
+    n_cls = x.shape[1]
+    p = np.empty(n_cls, dtype=x.dtype)
+    g = np.empty(n_cls if need_grad else 0, dtype=np.float64)
+    mass = np.empty(0 if chain else parent.shape[0], dtype=np.float64)
+    for i in range(first, end):
+        label = _label(y, i, n_cls, ignore_index)
+        if label in (IGNORED, BAD_LABEL):
+            _skip_row(i, label, need_grad, loss, grad)
+            continue
+        qi = i if q.shape[0] > 1 else 0
+        _probabilities(x, i, from_logits, p, 0)
+        if chain:
+            loss[i] = _chain_row(p, q, qi, label, weight, rho, g)
+        else:
+            loss[i] = _tree_row(p, q, qi, label, slot, leaf_w, parent, weight, rho, mass, g)
+        if need_grad:
+            _finish_gradient(p, 0, g, from_logits, scale, grad, i)
 
 
 # ---------------------------------------------------------------------- hard targets, rho = 1
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _distance_kernel(
-    x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad, threads
+    first, end, x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad
 ):  # pragma: no cover
-    """Hard targets, rho = 1: loss_i = sum_j p_ij D[y_i, j], with the softmax fused in.
+    """Hard targets, rho = 1, rows ``[first, end)``: loss_i = sum_j p_ij D[y_i, j], with the softmax fused in.
 
     dL/dp_j = D[y, j] - depth(y): the sum of w_e sign(f_e) over the edges above j, with the signs of
     interior flows (-1 on the path to y, +1 off it), the same subgradient as the reference backend.
     Through the softmax the constant cancels: dL/dx = p (D[y] - L).
     """
-    n, n_cls = x.shape
-    chunks = min(n, threads)
-    for t in prange(chunks):
-        p = np.empty(n_cls, dtype=x.dtype)
-        for i in range(t * n // chunks, (t + 1) * n // chunks):
-            label = _label(y, i, n_cls, ignore_index)
-            if label < 0:
-                _skip_row(i, label, need_grad, loss, grad)
-                continue
-            row = dist[label]
-            _probabilities(x, i, from_logits, p, 0)
-            total = 0.0
-            for j in range(n_cls):
-                total += float(p[j]) * float(row[j])
-            loss[i] = total
-            if need_grad:
-                if from_logits:
-                    for j in range(n_cls):
-                        grad[i, j] = p[j] * (row[j] - total) * scale
-                else:
-                    shift = depth[label]
-                    for j in range(n_cls):
-                        grad[i, j] = (row[j] - shift) * scale
+    n_cls = x.shape[1]
+    p = np.empty(n_cls, dtype=x.dtype)
+    for i in range(first, end):
+        label = _label(y, i, n_cls, ignore_index)
+        if label < 0:
+            _skip_row(i, label, need_grad, loss, grad)
+            continue
+        row = dist[label]
+        _probabilities(x, i, from_logits, p, 0)
+        total = 0.0
+        for j in range(n_cls):
+            total += float(p[j]) * float(row[j])
+        loss[i] = total
+        if need_grad:
+            if from_logits:
+                for j in range(n_cls):
+                    grad[i, j] = p[j] * (row[j] - total) * scale
+            else:
+                shift = depth[label]
+                for j in range(n_cls):
+                    grad[i, j] = (row[j] - shift) * scale

@@ -1,23 +1,24 @@
 """Row statistics for the input checks (:func:`emdloss._inputs.check_distribution`) on CPU arrays.
 
-One vectorised pass in numba's thread pool, the same pool the fused kernels then use: checking soft targets
-with torch reductions right before a fused call left torch's and numba's worker threads competing for the
+One vectorised pass over the rows, split across threads like the fused kernels (:mod:`.pool`): checking soft
+targets with torch reductions right before a fused call left two sets of worker threads competing for the
 cores and cost more than the check itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from .pool import run_rows
 from .simd import FASTMATH
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def _row_sums_and_negatives(q, sums, negatives):  # pragma: no cover
-    """Row sums of q (in float64) and counts of negative entries: vectorised loops
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _row_sums_and_negatives(first, end, q, sums, negatives):  # pragma: no cover
+    """Rows ``[first, end)``: row sums of q (in float64) and counts of negative entries: vectorised loops
     (a running minimum would not be)."""
-    for i in prange(q.shape[0]):
+    for i in range(first, end):
         s = 0.0  # float64: the sum's own rounding stays far below the tolerance, whatever C
         neg = 0.0
         for j in range(q.shape[1]):
@@ -34,7 +35,7 @@ def distribution_stats(q: np.ndarray) -> tuple[bool, float, float]:
         return True, 0.0, 0.0
     sums = np.empty(q.shape[0], dtype=np.float64)
     negatives = np.empty(q.shape[0], dtype=np.float64)
-    _row_sums_and_negatives(q, sums, negatives)
+    run_rows(_row_sums_and_negatives, q.shape[0], q.size, q, sums, negatives)
     if not np.isfinite(sums).all():  # a NaN or inf anywhere makes its row's sum NaN or inf
         return False, 0.0, 0.0
     return True, float(q.min()) if negatives.any() else 0.0, float(np.abs(sums - 1).max())
