@@ -23,7 +23,7 @@ def soft(n: int = 4) -> torch.Tensor:
 @pytest.mark.parametrize(
     "make, error, message",
     [
-        (lambda: (torch.randn(C), torch.tensor(0)), ValueError, "shape \\(N, C\\)"),
+        (lambda: (torch.tensor(1.0), torch.tensor(0)), ValueError, "shape \\(N, C\\)"),  # 0-d: (C,) is unbatched input
         (lambda: (torch.randn(4, C + 1), torch.zeros(4, dtype=torch.long)), ValueError, "classes along dim 1"),
         (lambda: (torch.zeros(4, C, dtype=torch.long), torch.zeros(4, dtype=torch.long)), TypeError, "integer dtype"),
         (lambda: (torch.zeros(4, C, dtype=torch.complex64), torch.zeros(4, dtype=torch.long)), TypeError, "complex"),

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _inputs, backends
+from . import _inputs, functional
 from .functional import emd, sinkhorn
 from .tree import Tree
 
@@ -21,34 +21,59 @@ class EMDLoss(nn.Module):
     ``p = softmax(input)`` over the classes and ``q`` the target (one-hot for a class index):
 
     .. math::
-        \ell(p, q) = \sum_{e} w_e \, |p(\text{below } e) - q(\text{below } e)|^{\rho}
+        \ell(p, q) = r \sum_{e} w_e \, |p(\text{below } e) - q(\text{below } e)|^{\rho}
 
-    summed over the tree's edges ``e`` of length ``w_e``. With ``rho = 1`` this is exactly the Wasserstein-1
-    distance under the tree metric (for a chain, ``sum |CDF_p - CDF_q|``); ``rho = 2`` is the relaxed form,
-    whose gradient shrinks as ``p`` approaches ``q``. Cost O(nodes) per sample; gradients in closed form.
+    summed over the tree's edges ``e`` of length ``w_e``, with ``r`` the sample's class weight (1 without
+    ``weight``). With ``rho = 1`` the sum is exactly the Wasserstein-1 distance under the tree metric (for a
+    chain, ``sum |CDF_p - CDF_q|``); ``rho = 2`` is the relaxed form, whose gradient shrinks as ``p``
+    approaches ``q``. Cost O(nodes) per sample; gradients in closed form.
+
+    **Class weights** have ``nn.CrossEntropyLoss``'s meaning: a class-index target ``y`` gives ``r = weight[y]``
+    and ``"mean"`` divides the weighted sum by ``sum weight[y]`` over the samples that are not ``ignore_index``.
+    A soft target ``q`` gives ``r = sum_c weight[c] q_c`` (its expected class weight, before smoothing) and
+    ``"mean"`` divides by the number of samples, as torch does for probability targets.
+
+    **Label smoothing** replaces the target by ``(1 - eps) q + eps s`` with ``eps = label_smoothing``:
+    ``smoothing="uniform"`` takes ``s_c = 1/C`` (``nn.CrossEntropyLoss``'s meaning); ``smoothing="tree"`` takes
+    ``s = sum_y q_y K[y]`` with ``K[y, c] ∝ exp(-d(y, c) / tau)``, ``d`` the tree distance and ``tau =
+    smoothing_scale`` (default: the smallest distance between two classes), so the smoothed mass stays near
+    the label instead of being spread to far classes, which the EMD charges for
+    (:func:`emdloss.functional.smoothing_distribution`; it costs a (C, C) table, cached on the tree).
 
     Args:
         tree: the class hierarchy; its ``num_classes`` is C, and output ``j`` of the model is ``tree.classes[j]``.
         rho: exponent >= 1 on the flows (1: exact EMD; 2: relaxed). Default: 1.
-        from_logits: apply a softmax over dim 1 to ``input`` (True, as cross-entropy), or take ``input`` as
-            probabilities (False). Default: True.
+        from_logits: apply a softmax over the class dimension to ``input`` (True, as cross-entropy), or take
+            ``input`` as probabilities (False). Default: True.
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` averages over samples whose target is not
-            ``ignore_index`` (NaN when there is none, with zero gradient). Default: ``"mean"``.
+            ``ignore_index`` (weighted, with ``weight``; NaN when nothing counts, with zero gradient).
+            Default: ``"mean"``.
         ignore_index: a class-index target value whose samples contribute nothing. Default: -100.
+        weight: a (C,) tensor of finite class weights >= 0, held as a buffer (it follows ``.to()`` and is in
+            ``state_dict``, as in ``nn.CrossEntropyLoss``). Default: None (all 1).
+        label_smoothing: ``eps`` in [0, 1). Default: 0 (off).
+        smoothing: ``"uniform"`` | ``"tree"``, the distribution mixed into the target. Default: ``"uniform"``.
+        smoothing_scale: ``tau > 0`` for ``smoothing="tree"``, in edge-length units. Default: None (the
+            smallest distance between two classes).
         validate: read values to check them (class range, distributions, finite logits). Default None: on for
             CPU tensors, off elsewhere, since the checks would synchronise the device.
         backend: ``"auto"`` (the fused numba kernels on the CPU, torch ops elsewhere; ``$EMDLOSS_BACKEND``
             overrides it), or a name in :func:`emdloss.backends.names`: ``"numba"``, ``"torch"``.
             Default: ``"auto"``.
 
-    Shape:
-        - Input: (N, C) or (N, C, d1, ..., dk), floating (float16/bfloat16 are accumulated in float32).
-        - Target: (N) or (N, d1, ..., dk) integer class indices in [0, C), or a floating tensor of the input's
-          shape whose rows are distributions (soft targets, differentiable with ``backend="torch"``).
-        - Output: a scalar, or (N, d1, ..., dk) with ``reduction="none"``, in the input's dtype.
+    Every argument is checked here, at construction, with an error naming it.
 
-    The tree travels in ``state_dict`` (as its JSON dict, in the module's extra state) and with pickling, so a
-    saved criterion comes back with the same hierarchy.
+    Shape:
+        - Input: (C), (N, C) or (N, C, d1, ..., dk), floating (float16/bfloat16 are accumulated in float32).
+        - Target: () / (N) / (N, d1, ..., dk) integer class indices in [0, C), or a floating tensor of the
+          input's shape whose rows are distributions (soft targets, differentiable with ``backend="torch"``).
+        - Output: a scalar; with ``reduction="none"``, () / (N) / (N, d1, ..., dk) as the class-index target,
+          in the input's dtype.
+
+    The tree travels in ``state_dict`` (as its JSON dict, in the module's extra state) and with pickling (as
+    plain lists, so ``torch.load(weights_only=True)`` reads it after
+    ``torch.serialization.add_safe_globals([emdloss.Tree])``), so a saved criterion comes back with the same
+    hierarchy; loading a state with a different tree names what differs.
 
     Examples::
 
@@ -61,7 +86,15 @@ class EMDLoss(nn.Module):
         ...                                 ("root", "car")], classes=["dog", "cat", "car"])
         >>> emdloss.EMDLoss(tree, reduction="none")(torch.zeros(2, 3), torch.tensor([0, 2])).shape
         torch.Size([2])
+        >>> criterion = emdloss.EMDLoss(tree, weight=torch.tensor([1.0, 1.0, 4.0]), label_smoothing=0.1,
+        ...                             smoothing="tree")
+        >>> criterion
+        EMDLoss(Tree(tree, num_nodes=5, num_classes=3), rho=1.0, reduction='mean', ignore_index=-100, weight=(3,) float32, label_smoothing=0.1, smoothing='tree', smoothing_scale=None, from_logits=True, validate=None, backend='auto')
+        >>> round(criterion(torch.tensor([4.0, 0.0, 0.0]), torch.tensor(0)).item(), 4)   # unbatched
+        0.0146
     """
+
+    weight: Tensor | None
 
     def __init__(
         self,
@@ -72,18 +105,37 @@ class EMDLoss(nn.Module):
         ignore_index: int = -100,
         validate: bool | None = None,
         backend: str = "auto",
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+        smoothing: str = "uniform",
+        smoothing_scale: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(tree, Tree):
             raise TypeError(f"tree must be an emdloss.Tree, got {type(tree).__name__}")
         self.tree = tree
-        self.rho = _inputs.check_rho(rho)
-        _inputs.check_reduction(reduction)
+        (self.rho, self.ignore_index, self.label_smoothing, self.smoothing, self.smoothing_scale) = (
+            functional.check_options(
+                rho,
+                reduction,
+                ignore_index,
+                label_smoothing,
+                smoothing,
+                smoothing_scale,
+                validate,
+                backend,
+                from_logits,
+            )
+        )
         self.from_logits = bool(from_logits)
         self.reduction = reduction
-        self.ignore_index = int(ignore_index)
         self.validate = validate
-        self.backend = backends.check_name(backend)
+        self.backend = backend
+        weight = None if weight is None else functional.check_weight(weight, tree.num_classes)
+        self.register_buffer("weight", weight)
+        if self.label_smoothing and self.smoothing == "tree":
+            # the (C, C) table, built now (numpy, cached on the tree): torch.compile cannot trace its construction
+            functional._tree_kernel(tree, self.smoothing_scale)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return emd(
@@ -94,9 +146,18 @@ class EMDLoss(nn.Module):
             from_logits=self.from_logits,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
+            weight=self.weight,
+            label_smoothing=self.label_smoothing,
+            smoothing=self.smoothing,
+            smoothing_scale=self.smoothing_scale,
             validate=self.validate,
             backend=self.backend,
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this on every submodule first: refuse with a message naming the alternatives
+        (``torch.compile``, ``torch.export``) instead of TorchScript's error about some annotation inside."""
+        raise RuntimeError(_inputs.JIT_UNSUPPORTED)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"tree": self.tree.to_dict(), "rho": self.rho}
@@ -116,9 +177,13 @@ class EMDLoss(nn.Module):
         self.rho = _inputs.check_rho(state.get("rho", self.rho))  # the constructor's check and message
 
     def extra_repr(self) -> str:
+        weight = "None" if self.weight is None else f"({self.weight.shape[0]},) {str(self.weight.dtype)[6:]}"
+        smoothing = f", smoothing={self.smoothing!r}, smoothing_scale={self.smoothing_scale}"
         return (
-            f"{self.tree!r}, rho={self.rho}, from_logits={self.from_logits}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, validate={self.validate}, backend={self.backend!r}"
+            f"{self.tree!r}, rho={self.rho}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"weight={weight}, label_smoothing={self.label_smoothing}"
+            f"{smoothing if self.label_smoothing else ''}, from_logits={self.from_logits}, "
+            f"validate={self.validate}, backend={self.backend!r}"
         )
 
 
@@ -163,6 +228,10 @@ class SinkhornLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.validate = validate
         self.on_underflow = on_underflow
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script`` with a message naming ``torch.compile`` and ``torch.export``."""
+        raise RuntimeError(_inputs.JIT_UNSUPPORTED)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return sinkhorn(
