@@ -74,7 +74,7 @@ def test_conclusion_follows_the_numbers() -> None:
     assert "EMD (rho=1) had the smallest mean absolute error, 1.100 ± 0.100 classes against 2.100 ± 0.100" in text
     assert "beyond the spread over seeds on MAE (chain)" in text
     assert (
-        "relaxed EMD (rho=2) had the mildest mistakes (mean tree distance of a wrong guess), 3.300 ± 0.300 "
+        "relaxed EMD (rho=2) had the mildest mistakes (mean LCA height of a wrong guess), 3.300 ± 0.300 "
         "against 3.500 ± 0.500 for cross-entropy (a gap within the spread over seeds)" in text
     )
     assert "cross-entropy and EMD (rho=1) tied on top-1 at 0.800" in text
