@@ -55,6 +55,8 @@ def test_every_backend_returns_per_row_losses_with_ignored_rows_zero(name: str, 
         target = torch.softmax(torch.randn(9, 6, generator=gen, dtype=torch.float64), 1)
     batch = normalise(x, target, 6, from_logits=True, ignore_index=-100, validate=True, reduction="sum")
     backend = backends.get(name)
+    if name == "triton" and (backend.unavailable() or backend.cannot_run(batch)):
+        pytest.skip("triton runs CPU tensors only in its interpreter (tests/test_triton.py runs this test there)")
     assert backend.unavailable() is None and backend.cannot_run(batch) is None
     rows = backend.row_losses(batch, tree, 2.0)
     assert rows.shape == (9,) and rows.dtype == x.dtype

@@ -178,7 +178,7 @@ def test_fused_is_the_cpu_default_and_falls_back_when_it_must(monkeypatch):
     x = torch.zeros(2, 5)
     soft = torch.full((2, 5), 0.2)
     labels = torch.tensor([0, 4])
-    assert backends.names() == ("numba", "torch")
+    assert backends.names() == ("numba", "triton", "torch")  # triton: CUDA tensors only under "auto"
     assert chosen(x, labels) == "numba"
     assert chosen(x, soft) == "numba"
     assert chosen(x, soft.clone().requires_grad_()) == "torch"  # a target that needs a gradient
@@ -192,7 +192,9 @@ def test_fused_is_the_cpu_default_and_falls_back_when_it_must(monkeypatch):
 
 def test_unknown_backend_names_are_errors_that_list_the_registered_ones(monkeypatch):
     x, labels = torch.zeros(2, 5), torch.tensor([0, 4])
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \('numba', 'torch'\), got 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"backend must be 'auto' or one of \('numba', 'triton', 'torch'\), got 'cuda'"
+    ):
         emd(x, labels, Tree.chain(5), backend="cuda")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         EMDLoss(Tree.chain(5), backend="numpy")

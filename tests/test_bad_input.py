@@ -91,7 +91,7 @@ def test_bad_probabilities(probs, message) -> None:
         (dict(rho=float("inf")), ValueError, "rho must be"),
         (dict(rho="two"), TypeError, "rho must be a real number"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
-        (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of \\('numba', 'torch'\\)"),
+        (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of \\('numba', 'triton', 'torch'\\)"),
     ],
 )
 def test_bad_options(kwargs, error, message) -> None:
