@@ -114,7 +114,7 @@ def emd(
         reduction=reduction,
     )  # fmt: skip
     if weight is None and label_smoothing == 0.0:
-        loss = reduce_rows(backends.row_losses(backend, batch, tree, rho), batch)
+        loss = backends.loss(backend, batch, tree, rho)
     else:
         if weight is not None:
             weight = check_weight(weight, tree.num_classes, values=batch.values_checked)
@@ -210,24 +210,26 @@ def _check_smoothing(smoothing: Any, scale: Any) -> tuple[str, float | None]:
 def check_weight(weight: Any, num_classes: int, values: bool = True) -> Tensor:
     """``weight`` as a (C,) floating tensor: a tensor is kept as it is (device and dtype), a sequence of numbers
     becomes a tensor of the default dtype. With ``values``, its entries must be finite and >= 0 (reading them)."""
-    if not isinstance(weight, Tensor):
+    if isinstance(weight, Tensor):
+        tensor = weight
+    else:
         if isinstance(weight, (str, bytes)) or not isinstance(weight, (Sequence, np.ndarray)):
             raise TypeError(f"weight must be a (C,) floating tensor of class weights, got {type(weight).__name__}")
         try:
-            weight = torch.tensor(np.asarray(weight, dtype=np.float64), dtype=torch.get_default_dtype())
+            tensor = torch.tensor(np.asarray(weight, dtype=np.float64), dtype=torch.get_default_dtype())
         except (TypeError, ValueError) as exc:
             raise TypeError(f"weight must be a (C,) sequence of numbers: {exc}") from None
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}; cast it with weight.float()")
-    if weight.shape != (num_classes,):
-        raise ValueError(f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight.shape)}")
-    if values and weight.numel():
-        w = weight.detach()
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got dtype {tensor.dtype}; cast it with weight.float()")
+    if tensor.shape != (num_classes,):
+        raise ValueError(f"weight must have shape ({num_classes},), one entry per class, got {tuple(tensor.shape)}")
+    if values and tensor.numel():
+        w = tensor.detach()
         if not bool(torch.isfinite(w).all()):
             raise ValueError("weight contains NaN or infinite values")
         if bool((w < 0).any()):
             raise ValueError(f"weight must be >= 0, got a negative entry ({float(w.min()):.3g})")
-    return weight
+    return tensor
 
 
 # ---------------------------------------------------------------------- targets and row weights
@@ -288,6 +290,7 @@ def _smoothed_target(batch: _inputs.Batch, tree: Tree, eps: float, smoothing: st
         s = q @ _kernel_tensor(tree, scale, x) if smoothing == "tree" else torch.full_like(q, 1.0 / num_classes)
         return q * (1.0 - eps) + s * eps
     labels = batch.labels
+    assert labels is not None  # exactly one of labels and soft is set (Batch)
     if batch.keep is not None:
         labels = torch.where(batch.keep, labels, 0)
     if smoothing == "tree":
@@ -309,10 +312,12 @@ def _row_weights(batch: _inputs.Batch, weight: Tensor | None) -> tuple[Tensor | 
     w = weight.to(_compute_dtype(batch.x))
     if batch.soft is not None:
         return batch.soft.to(w.dtype) @ w, batch.x.shape[0]
+    labels = batch.labels
+    assert labels is not None  # exactly one of labels and soft is set (Batch)
     if batch.keep is None:
-        r = w.index_select(0, batch.labels)
+        r = w.index_select(0, labels)
     else:
-        r = w.index_select(0, torch.where(batch.keep, batch.labels, 0)) * batch.keep
+        r = w.index_select(0, torch.where(batch.keep, labels, 0)) * batch.keep
     return r, r.sum()
 
 

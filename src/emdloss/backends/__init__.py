@@ -1,11 +1,12 @@
 """The backend registry: backend names -> :class:`~.base.Backend` objects, and the choice for ``"auto"``.
 
-=========  ==========================================  ============================================
-name       module                                      runs
-=========  ==========================================  ============================================
-"numba"    :mod:`.fused_cpu` (kernels: ``numba_kernels``)  CPU tensors, outside compile/func tracing
-"torch"    :mod:`.reference`                           anywhere torch runs, any autograd use
-=========  ==========================================  ============================================
+========  ===============================================  ==============================================
+name      module                                           runs
+========  ===============================================  ==============================================
+"numba"   :mod:`.fused_cpu` (kernels: ``numba_kernels``)   CPU tensors, outside compile/func tracing
+"triton"  :mod:`.triton_gpu` (kernel: ``triton_kernels``)  CUDA tensors when triton imports (and compile)
+"torch"   :mod:`.reference`                                anywhere torch runs, any autograd use
+========  ===============================================  ==============================================
 
 ``backend="auto"`` (the default) takes ``$EMDLOSS_BACKEND`` if it is set, else the first backend in the table
 that is available and can run the batch. A named backend that cannot run the batch is an error that says why.
@@ -25,11 +26,12 @@ from ..tree import Tree
 from .base import Backend, BackendUnusable, BackendWarning, loss_weight_sum, loss_weights
 from .fused_cpu import FusedCPUBackend
 from .reference import ReferenceBackend
+from .triton_gpu import TritonBackend
 
 ENV_VAR = "EMDLOSS_BACKEND"
 
 #: In the order ``"auto"`` tries them.
-_REGISTRY: dict[str, Backend] = {b.name: b for b in (FusedCPUBackend(), ReferenceBackend())}
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (FusedCPUBackend(), TritonBackend(), ReferenceBackend())}
 
 
 def names() -> tuple[str, ...]:
@@ -55,7 +57,8 @@ def select(name: str, batch: Batch) -> Backend:
         name = check_name(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
     if name == "auto":
         for backend in _REGISTRY.values():
-            if backend.unavailable() is None and backend.cannot_run(batch) is None:
+            # auto_skips first: it is cheap, and spares importing triton for CPU tensors
+            if not backend.auto_skips(batch) and backend.unavailable() is None and backend.cannot_run(batch) is None:
                 return backend
         raise RuntimeError("no backend can run this call")  # pragma: no cover - the reference runs anywhere
     backend = _REGISTRY[name]
@@ -69,12 +72,21 @@ def row_losses(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:
     """(M,) per-row losses from the backend :func:`select` picks; under "auto", a backend that turns out to be
     unusable while running (it warns once) hands the call to the next one. First, whatever the backend: the
     tree's edge lengths must not overflow the compute dtype (:func:`emdloss._inputs.check_loss_scale`)."""
+    return _run(name, batch, tree, rho, reduced=False)
+
+
+def loss(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:
+    """:func:`row_losses` after ``batch.reduction`` (:meth:`.base.Backend.loss`: the reduction may be fused)."""
+    return _run(name, batch, tree, rho, reduced=True)
+
+
+def _run(name: str, batch: Batch, tree: Tree, rho: float, reduced: bool) -> Tensor:
     if not torch.compiler.is_compiling():  # a property of the tree and the dtype: checked eagerly only
         check_loss_scale(loss_weight_sum(tree), batch.x.dtype, rho)
     while True:
         backend = select(name, batch)
         try:
-            return backend.row_losses(batch, tree, rho)
+            return backend.loss(batch, tree, rho) if reduced else backend.row_losses(batch, tree, rho)
         except BackendUnusable:
             if name != "auto":
                 raise
@@ -87,6 +99,7 @@ __all__ = [
     "BackendWarning",
     "check_name",
     "get",
+    "loss",
     "loss_weight_sum",
     "loss_weights",
     "names",

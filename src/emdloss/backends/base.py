@@ -7,7 +7,9 @@ A backend computes, for each row m of ``batch.x`` with ``p = softmax(x_m)`` (or 
 as a differentiable (M,) tensor in ``batch.x``'s dtype. Its autograd Function returns, in backward, the
 gradient already scaled by the incoming (M,) gradient; ignored rows get gradient 0. Everything else (input
 checks, ``ignore_index`` bookkeeping, the reduction, the finite-loss check) happens once, outside, for every
-backend alike: see docs/architecture.md.
+backend alike: see docs/architecture.md. A backend may also compute the reduced loss in one step
+(:meth:`Backend.loss`; the fused CPU backend does, sparing small batches two autograd nodes), with the same
+value, gradient and errors as :func:`emdloss._reduction.reduce_rows` over its rows.
 """
 
 from __future__ import annotations
@@ -47,9 +49,20 @@ class Backend(abc.ABC):
     def cannot_run(self, batch: Batch) -> str | None:
         """None if the backend can compute this batch (device, dtype, autograd and tracing needs), else why."""
 
+    def auto_skips(self, batch: Batch) -> str | None:
+        """Why ``backend="auto"`` passes over this backend for a batch it could run (None: it does not)."""
+        return None
+
     @abc.abstractmethod
     def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
         """(M,) per-row losses in ``batch.x``'s dtype, differentiable as the module docstring says."""
+
+    def loss(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        """The loss after ``batch.reduction``: :func:`~emdloss._reduction.reduce_rows` of :meth:`row_losses`
+        unless the backend fuses the reduction."""
+        from .._reduction import reduce_rows
+
+        return reduce_rows(self.row_losses(batch, tree, rho), batch)
 
 
 def loss_weights(tree: Tree) -> np.ndarray:

@@ -12,13 +12,18 @@ If numba or its kernels fail on this machine, it warns once and the registry use
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._inputs import Batch, tracing
+from .._reduction import check_finite_loss
 from ..tree import Tree
 from .base import Backend, BackendUnusable, BackendWarning
 
@@ -28,15 +33,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _FusedEMDFunction(torch.autograd.Function):
-    """Rows ``x`` (M, C) -> per-row losses (M,) in ``x``'s dtype; the gradient comes from the forward kernel."""
+    """Rows ``x`` (M, C) -> per-row losses (M,) in ``x``'s dtype, or with ``reduced`` the loss after the batch's
+    "mean"/"sum" (0-d); the gradient comes from the forward kernel."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, batch: Batch, tree: Tree, rho: float, kernels: ModuleType) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, batch: Batch, tree: Tree, rho: float, kernels: ModuleType, reduced: bool = False
+    ) -> Tensor:
         compute = _compute_dtype(x.dtype)
         xc = (x.detach() if x.dtype == compute else x.detach().to(compute)).contiguous().numpy()
         labels = batch.labels.numpy() if batch.labels is not None else None
         soft = batch.soft.detach().to(compute).contiguous().numpy() if batch.soft is not None else None
         ctx.row_weight = batch.row_weight
+        ctx.reduced = reduced
         need_grad = bool(ctx.needs_input_grad[0])
         loss, grad = kernels.tree_rows(
             xc, labels, soft, tree, rho, batch.from_logits, need_grad, batch.ignore_index, ctx.row_weight
@@ -44,10 +53,15 @@ class _FusedEMDFunction(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         if need_grad:
             ctx.save_for_backward(torch.from_numpy(grad))
+        if reduced:  # the rows' sum in float64, times 1 ("sum") or 1 / counted rows ("mean"), rounded once
+            total = float(loss.sum(dtype=np.float64))
+            if not math.isfinite(total):
+                check_finite_loss(torch.from_numpy(loss), batch)  # raises when a bad label or logit is the cause
+            return torch.tensor(total * ctx.row_weight, dtype=x.dtype)
         return torch.from_numpy(loss) if loss.dtype == xc.dtype == x.dtype else torch.from_numpy(loss).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate this gradient
             raise RuntimeError(
                 "emdloss: second derivatives (create_graph=True, Hessian-vector products, gradient penalties) need "
@@ -55,13 +69,17 @@ class _FusedEMDFunction(torch.autograd.Function):
                 "differentiate it"
             )
         (grad,) = ctx.saved_tensors
+        if ctx.reduced:  # 0-d: the gradient was scaled by the reduction already
+            factor = grad_out.item()
+            gx = grad if factor == 1.0 else grad * factor
+            return gx if gx.dtype == ctx.x_dtype else gx.to(ctx.x_dtype), None, None, None, None, None
         uniform = grad_out.numel() and (grad_out.stride(0) == 0 or bool(grad_out.amin() == grad_out.amax()))
         if uniform:  # one value for every row: "mean" and "sum" send this, expanded
             factor = grad_out.detach().as_strided((), ()).item() / ctx.row_weight  # its one value
             gx = grad if factor == 1.0 else grad * factor  # (autograd never writes into what backward returns)
         else:
             gx = grad * (grad_out.to(grad.dtype) / ctx.row_weight)[:, None]
-        return gx if gx.dtype == ctx.x_dtype else gx.to(ctx.x_dtype), None, None, None, None
+        return gx if gx.dtype == ctx.x_dtype else gx.to(ctx.x_dtype), None, None, None, None, None
 
 
 class FusedCPUBackend(Backend):
@@ -105,11 +123,22 @@ class FusedCPUBackend(Backend):
         return None
 
     def row_losses(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        return self._apply(batch, tree, rho, reduced=False)
+
+    def loss(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
+        """Fuses "mean" and "sum" (over at least one counted row) into the kernel call: one autograd node,
+        the rows summed in float64."""
+        if batch.reduction == "none" or not batch.num_kept:
+            return super().loss(batch, tree, rho)
+        return self._apply(batch, tree, rho, reduced=True)
+
+    def _apply(self, batch: Batch, tree: Tree, rho: float, reduced: bool) -> Tensor:
         kernels = self.kernels()
         if kernels is None:
             raise BackendUnusable(self._broken)
         try:
-            return _FusedEMDFunction.apply(batch.x, batch, tree, rho, kernels)
+            apply: Callable[..., Tensor] = _FusedEMDFunction.apply  # torch leaves Function.apply untyped
+            return apply(batch.x, batch, tree, rho, kernels, reduced)
         except kernels.KernelFailure as exc:
             self._give_up(f"its kernels fail to compile here ({exc})")
             raise BackendUnusable(self._broken) from exc

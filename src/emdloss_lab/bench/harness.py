@@ -53,7 +53,9 @@ class Config:
     memory_kinds: list[str]
     compile_time: bool
     threads: int
+    small: bool = True  # the small-problem cells (first_use.run_small)
     device: str = "cpu"
+    triton: bool = False  # time backend="triton" (default on a GPU; on the CPU only in Triton's interpreter)
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Config:
@@ -79,12 +81,14 @@ class Config:
                 raise ValueError(f"--device must be 'cpu' or a CUDA device such as 'cuda' or 'cuda:1', got {device!r}")
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if getattr(args, "only", None) == "first-use":  # the cold-start times and small-problem ratios alone
+            args.trees, args.no_slow, args.no_memory, args.compile, args.compile_time = "", True, True, False, True
         return Config(
             quick=quick,
             seed=int(args.seed),
             batch=int(args.batch),
             trees=[t.strip() for t in args.trees.split(",") if t.strip()],
-            sizes=sizes if on_cpu else [],
+            sizes=sizes if on_cpu and getattr(args, "only", None) is None else [],
             scaling_batch=int(args.scaling_batch),
             scaling_elements=int(pick(args.scaling_elements, 2**20, 2**18)),
             rounds=int(pick(args.rounds, 15, 5)),
@@ -100,7 +104,9 @@ class Config:
             memory_kinds=["chain"] if quick else ["chain", "random"],
             compile_time=pick(args.compile_time, True, False) and on_cpu,
             threads=int(args.threads) if args.threads else torch.get_num_threads(),
+            small=not getattr(args, "no_small", False) and on_cpu,
             device=device,
+            triton=bool(args.triton) if getattr(args, "triton", None) is not None else not on_cpu,
         )
 
 

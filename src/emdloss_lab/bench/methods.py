@@ -6,7 +6,7 @@
   :func:`pot_emd2` and batched Sinkhorn :func:`pot_sinkhorn_batch`, this project's :func:`project_sinkhorn`,
   with :func:`cost_matrix` for the OT solvers;
 - :class:`Method` (one timed loss) and :func:`loss_methods`, the methods of one ratio workload: cross-entropy,
-  the emdloss backends (fused numba kernel, torch, torch.compile), the dense closed form and the OT anchors;
+  the emdloss backends (fused numba kernel, triton, torch, torch.compile), the dense closed form and the OT anchors;
 - :func:`reference_value`, the torch backend in float64 that every timed loss value is checked against.
 """
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emdloss import functional
+from emdloss._optional import install_hint, require
 from emdloss.losses import EMDLoss
 from emdloss.tree import Tree
 
@@ -91,7 +92,7 @@ def cost_matrix(tree: Tree) -> Tensor:
 
 def pot_emd2(cost: Tensor) -> LossFn:
     """POT's exact network-simplex LP, one sample at a time (gradient from its dual potentials)."""
-    import ot
+    ot = require("ot", "bench", "the POT baselines of emdloss bench")
 
     def loss(x: Tensor, target: Tensor) -> Tensor:
         p = torch.softmax(x.double(), dim=1)
@@ -106,7 +107,7 @@ def pot_sinkhorn_batch(cost: Tensor, iters: int) -> LossFn:
     """POT's batched Sinkhorn (``ot.solve_batch``, method 'sinkhorn'), ``iters`` fixed iterations,
     entropic regularisation 0.1 x the median cost, gradient through the last iteration ('last_step').
     The (C, C) cost is broadcast to (n, C, C) without a copy; the plans are (n, C, C)."""
-    import ot
+    ot = require("ot", "bench", "the POT baselines of emdloss bench")
 
     reg = 0.1 * float(cost[cost > 0].median()) if (cost > 0).any() else 1.0
 
@@ -133,6 +134,21 @@ def project_sinkhorn(cost: Tensor, iters: int) -> LossFn:
         )
 
     return loss
+
+
+def triton_method(tree: Tree, rho: float, device: str) -> Method:
+    """``backend="triton"`` (the fused GPU kernel), or a skipped row saying why it cannot run here: triton
+    missing, or a CPU run outside Triton's interpreter (where it would only be a smoke test, not a timing)."""
+    from emdloss import backends
+
+    name, backend = f"emd triton rho={rho:g}", backends.get("triton")
+    why = backend.unavailable()
+    if why is None and device == "cpu" and not backend.interpreted():
+        why = "CPU tensors run backend='triton' only under TRITON_INTERPRET=1"
+    if why:
+        return Method(name, None, "triton", rho, skip=why)
+    note = "Triton interpreter (numpy): not a timing" if device == "cpu" else ""
+    return Method(name, EMDLoss(tree, rho=rho, backend="triton"), "triton", rho, note=note)
 
 
 def reference_value(x: Tensor, target: Tensor, tree: Tree, rho: float) -> float:
@@ -168,6 +184,8 @@ def loss_methods(
         r = f"rho={rho:g}"
         if cfg.device == "cpu":
             methods.append(Method(f"emd fused {r}", EMDLoss(tree, rho=rho, backend="numba"), "fused", rho))
+        if cfg.triton:
+            methods.append(triton_method(tree, rho, cfg.device))
         methods.append(Method(f"emd torch {r}", EMDLoss(tree, rho=rho, backend="torch"), "torch", rho))
         if compile_ok:
             fn = torch.compile(EMDLoss(tree, rho=rho, backend="torch", validate=False))
@@ -190,7 +208,7 @@ def loss_methods(
         n = min(cfg.slow_rows, cfg.batch)
         cost = cost_matrix(tree)
         try:
-            import ot  # noqa: F401
+            require("ot", "bench")
 
             methods.append(Method("POT ot.emd2 (exact LP, per sample)", pot_emd2(cost), "pot_emd2", 1.0, rows=n))
             methods.append(
@@ -203,7 +221,7 @@ def loss_methods(
                 )
             )
         except ImportError:
-            methods.append(Method("POT", None, "pot_emd2", skip="POT not installed (pip install pot)"))
+            methods.append(Method("POT", None, "pot_emd2", skip=f"POT not installed ({install_hint('bench')})"))
         if hasattr(functional, "sinkhorn"):
             methods.append(
                 Method(

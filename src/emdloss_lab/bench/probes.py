@@ -6,9 +6,9 @@
 - scaling: :func:`run_scaling` sweeps chains and random trees over the class counts, at a fixed batch and at a
   fixed number of elements; :func:`scaling_summary` fits the log-log :func:`slope` of each method;
 - peak memory: :func:`run_memory` starts :func:`memory_child` in a fresh subprocess (glibc told to ``mmap``
-  every block over 128 KiB, ``VmHWM`` reset through ``/proc/self/clear_refs``);
-- JIT compile time: :func:`run_compile_time` starts :func:`compile_child` twice, with an empty and then a filled
-  numba cache directory.
+  every block over 128 KiB, ``VmHWM`` reset through ``/proc/self/clear_refs``).
+
+The first-use measurements (cold start, small problems) are in :mod:`.first_use`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,48 +292,3 @@ def run_memory(tree: str, batch: int, cfg: Config) -> dict[str, Any]:
     if proc.returncode != 0:
         return {"tree": tree, "batch": batch, "skipped": f"subprocess failed: {proc.stderr.strip()[-300:]}"}
     return {"tree": tree, "batch": batch, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
-
-# ---------------------------------------------------------------------- JIT compile time (subprocess)
-
-
-def compile_child(t0: float) -> None:
-    """First-call times of the fused kernels (float32 logits; chain, tree; hard, soft; rho 1, 2, 1.5; batch 1
-    and 256, which take the one-row and the lane kernel); ``t0`` is the time before ``import emdloss``."""
-    out: dict[str, Any] = {"import_s": time.perf_counter() - t0, "calls": {}}
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    for tree_name in ("chain64", "random64"):
-        tree = build_tree(tree_name)
-        for kind in ("hard", "soft"):
-            for rho in (1.0, 2.0, 1.5):
-                for batch in (1, 256):
-                    x, target = make_inputs(batch, tree.num_classes, kind, gen)
-                    t = time.perf_counter()
-                    make_step(EMDLoss(tree, rho=rho, backend="numba"), x, target)()
-                    out["calls"][f"{tree_name} {kind} rho={rho:g} batch {batch}"] = time.perf_counter() - t
-    out["total_s"] = time.perf_counter() - t0
-    import numba
-
-    out["numba_threads"] = numba.get_num_threads()
-    out["torch_threads"] = torch.get_num_threads()
-    print(json.dumps(out))
-
-
-def run_compile_time() -> dict[str, Any]:
-    """Cold (empty numba cache) and warm (cache filled) first calls, each in a fresh subprocess."""
-    code = (
-        "import time; t0 = time.perf_counter(); from emdloss_lab.bench.probes import compile_child; compile_child(t0)"
-    )
-    result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="emdloss-numba-cache-") as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        for label in ("cold", "cached"):
-            proc = subprocess.run(
-                [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=900
-            )
-            if proc.returncode != 0:
-                result[label] = {"skipped": f"subprocess failed: {proc.stderr.strip()[-300:]}"}
-            else:
-                result[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result

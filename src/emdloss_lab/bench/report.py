@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..experiments import runner
+from .first_use import cold_table, small_table
 from .harness import Config
 
 # ---------------------------------------------------------------------- tables
@@ -171,12 +172,13 @@ def report(result: dict[str, Any], cfg: Config) -> str:
         )
     if result["skipped_trees"]:
         parts.append("Skipped workloads: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_trees"].items()) + "\n")
-    parts.append(
-        "## Summary\n\nForward+backward time over `F.cross_entropy` (class indices) on the same logits, batch "
-        f"{cfg.batch}, float32; median over interleaved rounds (fastest round in brackets). * = extrapolated from a "
-        "subsample of rows.\n\n" + headline_table(result["ratios"]) + "\n"
-    )
-    parts.append("## Ratios to cross-entropy\n\n" + ratio_table(result["ratios"]) + "\n")
+    if result["ratios"]:
+        parts.append(
+            "## Summary\n\nForward+backward time over `F.cross_entropy` (class indices) on the same logits, batch "
+            f"{cfg.batch}, float32; median over interleaved rounds (fastest round in brackets). * = extrapolated from a "
+            "subsample of rows.\n\n" + headline_table(result["ratios"]) + "\n"
+        )
+        parts.append("## Ratios to cross-entropy\n\n" + ratio_table(result["ratios"]) + "\n")
     if result["scaling"]:
         parts.append(
             "## Scaling\n\n"
@@ -191,20 +193,17 @@ def report(result: dict[str, Any], cfg: Config) -> str:
             "before it, in a fresh process with glibc mmap threshold 128 KiB (freed blocks return to the OS). "
             "Includes the input-sized gradient of the logits.\n\n" + memory_table(result["memory"]) + "\n"
         )
-    ct = result.get("numba_compile") or {}
-    if ct:
-        lines = ["## Fused kernel JIT time\n"]
-        for label in ("cold", "cached"):
-            v = ct.get(label, {})
-            if "skipped" in v:
-                lines.append(f"- {label}: {v['skipped']}")
-            elif v:
-                lines.append(
-                    f"- {label} numba cache: first calls {v['total_s']:.1f} s in all "
-                    f"({len(v['calls'])} first calls), import {v['import_s']:.1f} s; numba threads "
-                    f"{v['numba_threads']}, torch threads {v['torch_threads']}"
-                )
-        parts.append("\n".join(lines) + "\n")
+    if result.get("small"):
+        parts.append(
+            "## Small problems\n\nChains of 5 and 10 classes, class-index targets, forward+backward with default "
+            "thread settings; `x CE` as above (fastest round in brackets).\n\n" + small_table(result["small"]) + "\n"
+        )
+    if result.get("cold_start"):
+        parts.append(
+            "## First call (cold start)\n\nFirst forward+backward of the default backend in a fresh process "
+            f"(batch {result['cold_start'][0]['batch']}), with an empty numba cache (`NUMBA_CACHE_DIR`), then again "
+            "with the cache that run filled. Import time is not included.\n\n" + cold_table(result["cold_start"]) + "\n"
+        )
     return "\n".join(parts)
 
 
@@ -240,7 +239,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print("\nRatios to F.cross_entropy (forward+backward, medians of interleaved rounds):")
+    if result["ratios"]:
+        print("\nRatios to F.cross_entropy (forward+backward, medians of interleaved rounds):")
     for r in result["ratios"]:
         ratio = f"{r['ratio_to_ce']:8.2f}x" if "ratio_to_ce" in r else "       -"
         extra = " (extrapolated)" if "extrapolated_from_rows" in r else ""
@@ -265,3 +265,9 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"\nPeak extra memory, {m['tree']} B={m['batch']} (input {m['input_bytes'] / 2**20:.1f} MiB):")
         for name, v in m["methods"].items():
             print(f"  {name:<24} {v['extra_bytes'] / 2**20:8.1f} MiB  {v['x_input']:.2f}x input")
+    if result.get("small"):
+        print("\nSmall problems (chain, class indices; default backend over F.cross_entropy):")
+        print("\n".join("  " + line for line in small_table(result["small"]).splitlines()))
+    if result.get("cold_start"):
+        print("\nFirst call in a fresh process (numba cache empty, then filled):")
+        print("\n".join("  " + line for line in cold_table(result["cold_start"]).splitlines()))

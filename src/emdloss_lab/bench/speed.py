@@ -16,11 +16,12 @@ What one run measures, all in one process unless said otherwise (see docs/speed.
    ``/proc/self/clear_refs``) during one forward+backward minus the resident set before it, with glibc told
    to ``mmap`` every block over 128 KiB so that freed memory leaves the process and every byte any library
    (torch, numpy, numba) touches is counted. Reported as a multiple of the input tensor's bytes.
-5. **JIT compile time** of the fused kernels: first calls in a subprocess with an empty numba cache
-   directory, then again with that cache filled.
+5. **First use** (:mod:`.first_use`): the first forward+backward in a fresh process with an empty numba cache
+   (10^4-class chain and tree, hard and soft, rho 1 and 2), then with the cache filled; and **small problems**,
+   5 and 10 classes at batches 32 and 128, the default backend against cross-entropy.
 
-With ``--device cuda`` the ratio workloads run on the GPU (cross-entropy, the torch backend eager and under
-``torch.compile``, the dense closed form), timed with CUDA events after warm-up; the fused kernel, the OT
+With ``--device cuda`` the ratio workloads run on the GPU (cross-entropy, the Triton kernel ``backend="triton"``,
+the torch backend eager and under ``torch.compile``, the dense closed form), timed with CUDA events after warm-up; the fused kernel, the OT
 anchors, the scaling sweep and the memory and JIT probes are CPU measurements and are left out.
 
 Outputs in ``--out``: ``bench.json`` (everything, with the machine and configuration), ``bench.md`` (tables),
@@ -43,13 +44,15 @@ from typing import Any
 
 import torch
 
+from emdloss._optional import require
 from emdloss.tree import Tree
 
 from ..errors import UsageError
 from ..experiments import runner
+from .first_use import run_cold_start, run_small
 from .harness import Config, loadavg, set_threads, threading_layer
 from .methods import build_tree
-from .probes import run_compile_time, run_memory, run_scaling, run_workload, scaling_summary
+from .probes import run_memory, run_scaling, run_workload, scaling_summary
 from .report import plot, print_summary, report
 
 # ---------------------------------------------------------------------- command line
@@ -117,10 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="compile_time",
         action="store_true",
         default=None,
-        help="measure numba JIT time (default unless --quick)",
+        help="time the first call in fresh processes with an empty numba cache (default unless --quick)",
     )
     parser.add_argument(
-        "--no-compile-time", dest="compile_time", action="store_false", help="skip the numba JIT timing (quick default)"
+        "--no-compile-time",
+        dest="compile_time",
+        action="store_false",
+        help="skip the cold-start timing (quick default)",
+    )
+    parser.add_argument(
+        "--no-small", action="store_true", help="skip the small-problem cells (5 and 10 classes, batches 32 and 128)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["first-use"],
+        default=None,
+        help="first-use: only the cold-start times and the small-problem ratios (about 3 minutes on 2 cores)",
     )
     parser.add_argument(
         "--threads",
@@ -134,6 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu (default) or cuda: on a GPU only the ratio workloads run, timed with CUDA events",
     )
+    parser.add_argument(
+        "--triton",
+        dest="triton",
+        action="store_true",
+        default=None,
+        help="time backend='triton' (default with --device cuda; on the CPU it needs TRITON_INTERPRET=1: a smoke run)",
+    )
+    parser.add_argument("--no-triton", dest="triton", action="store_false", help="leave backend='triton' out")
 
 
 # ---------------------------------------------------------------------- main
@@ -180,8 +203,9 @@ def _run(args: argparse.Namespace) -> int:
         + 2 * len(cfg.sizes) * 2
         + (len(cfg.memory_sizes) * len(cfg.memory_kinds) if cfg.memory else 0)
         + int(cfg.compile_time)
+        + int(cfg.small)
     )
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "bench", "emdloss bench").tqdm
 
     bar = tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress)
 
@@ -223,12 +247,18 @@ def _run(args: argparse.Namespace) -> int:
                 bar.update(1)
 
     phases["memory"], t_phase = time.time() - t_phase, time.time()
-    compile_time: dict[str, Any] = {}
-    if cfg.compile_time:
-        note("numba compile time")
-        compile_time = run_compile_time()
+    small: list[dict[str, Any]] = []
+    if cfg.small:
+        note("small problems")
+        small = run_small(cfg, gen)
         bar.update(1)
-    phases["numba_compile"] = time.time() - t_phase
+    phases["small"], t_phase = time.time() - t_phase, time.time()
+    cold_start: list[dict[str, Any]] = []
+    if cfg.compile_time:
+        note("cold start (fresh processes, empty numba cache)")
+        cold_start = run_cold_start()
+        bar.update(1)
+    phases["cold_start"] = time.time() - t_phase
     bar.close()
 
     import numba
@@ -254,7 +284,8 @@ def _run(args: argparse.Namespace) -> int:
         "scaling": scaling,
         "scaling_summary": summary,
         "memory": memory,
-        "numba_compile": compile_time,
+        "small": small,
+        "cold_start": cold_start,
     }
     runner.write_json(out / "bench.json", result)
     runner.write_text(out / "bench.md", report(result, cfg))
