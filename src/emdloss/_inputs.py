@@ -5,14 +5,19 @@ in range, soft targets and probabilities that are distributions) run when ``vali
 default ``validate=None``, whenever the tensors live on the CPU and no ``torch.func`` transform is active,
 since reading them there forces no device synchronisation. Finite logits are checked after the loss, from the
 (M,) losses rather than the (M, C) input (:func:`emdloss._reduction.reduce_rows`). docs/bad-input.md lists
-every check and its message.
+every check and its message. While ``torch.compile``, ``torch.export`` or ``make_fx`` trace a graph, nothing is
+read on the host: the value checks become graph asserts (:func:`checks_in_graph`, :func:`assert_values`), so the
+default ``validate=None`` traces without a graph break, and TorchScript is refused with a message naming them.
 
 Every backend receives the same :class:`Batch`, whichever runs: nothing here depends on the backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +26,12 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("none", "mean", "sum")
+JIT_UNSUPPORTED = (
+    "emdloss losses cannot be compiled or traced by TorchScript (torch.jit.script / torch.jit.trace): their Python "
+    "autograd Functions, tree objects and host-side steps have no TorchScript form, and a trace would freeze "
+    "the latter into constants. Use torch.compile(model) or torch.export.export(model, args) instead (both "
+    "supported, see docs/workflows.md), or script/trace the model without the loss"
+)
 
 
 @dataclass(frozen=True)
@@ -80,9 +91,12 @@ def normalise(
         input: (N, C) or (N, C, d1, ..., dk) floating logits (or probabilities if not ``from_logits``).
         target: (N,) / (N, d1, ..., dk) integer class indices, or a floating tensor of ``input``'s shape.
         num_classes: C expected by the tree or cost matrix.
-        validate: read values to check them (None: on the CPU outside ``torch.func`` transforms).
+        validate: read values to check them (None: on the CPU outside ``torch.func`` transforms); while a graph
+            is traced they become graph asserts instead (:func:`checks_in_graph`).
     """
     check_reduction(reduction)
+    if _jit_tracing():
+        raise RuntimeError(JIT_UNSUPPORTED)
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64 (class indices are int64), got {ignore_index}")
     if not isinstance(input, Tensor):
@@ -138,6 +152,8 @@ def normalise(
         )
     if values and x.numel() and not from_logits:
         check_distribution(x, "input (probabilities, from_logits=False)")
+    elif not values and checks_in_graph(validate, input):
+        assert_values(batch, num_classes)
     return batch
 
 
@@ -256,10 +272,54 @@ def check_rho(rho: float) -> float:
 
 
 def should_validate(validate: bool | None, *tensors: Tensor) -> bool:
+    """Whether value checks read ``tensors`` on the host: ``validate``, where None means on for CPU tensors outside
+    ``torch.func`` transforms (value checks are data-dependent control flow, which ``vmap`` cannot trace). Never
+    while a graph is traced (:func:`graph_tracing`): there :func:`checks_in_graph` says what replaces them."""
+    if graph_tracing():
+        return False
     if validate is None:
-        # value checks are data-dependent control flow, which torch.func.vmap cannot trace
         return not functorch_active() and all(t.device.type == "cpu" for t in tensors)
     return bool(validate)
+
+
+def checks_in_graph(validate: bool | None, *tensors: Tensor) -> bool:
+    """Whether value checks become graph asserts (:func:`assert_values`): while ``torch.compile``,
+    ``torch.export`` or ``make_fx`` trace (:func:`graph_tracing`), for CPU tensors with ``validate=None`` and on
+    any device with ``validate=True``. On a GPU such an assert is a device-side assert (no synchronisation, but
+    a failure ends the CUDA context), which ``validate=None`` does not impose."""
+    if not graph_tracing():
+        return False
+    if validate is None:
+        return all(t.device.type == "cpu" for t in tensors)
+    return bool(validate)
+
+
+def assert_values(batch: Batch, num_classes: int) -> None:
+    """The value checks of :func:`normalise` as ``torch._assert_async`` graph asserts: no data-dependent Python
+    control flow, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace them, and the compiled graph or
+    exported program checks every call. A failure raises RuntimeError with the eager check's message, less the
+    offending value (a graph cannot format it). Non-finite logits are checked on the input here, since the
+    eager diagnosis from the losses (:func:`emdloss._reduction.check_finite_loss`) reads them on the host."""
+    check = torch._assert_async
+    if batch.labels is not None and batch.labels.numel():
+        labels = batch.labels
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != batch.ignore_index)
+        check(~bad.any(), f"target contains a class index outside [0, {num_classes}) (and not ignore_index="
+                          f"{batch.ignore_index})")  # fmt: skip
+    named = [(batch.soft, "target")] if batch.soft is not None else []
+    if not batch.from_logits:
+        named.append((batch.x, "input (probabilities, from_logits=False)"))
+    for t, name in named:
+        if not t.numel():
+            continue
+        sums = t.sum(dim=-1, dtype=torch.float64)
+        finite = torch.isfinite(sums)  # a NaN or inf anywhere makes its row's sum non-finite
+        check(finite.all(), f"{name} contains NaN or infinite values")
+        check(~(t < 0).any(), f"{name} has negative entries; it must be a distribution")
+        tol = sum_tolerance(t.dtype)
+        check(~(((sums - 1).abs() > tol) & finite).any(), f"{name} rows must sum to 1 (tolerance {tol:.2g})")
+    if batch.from_logits and batch.x.numel():
+        check(torch.isfinite(batch.x).all(), "input contains NaN or infinite logits")
 
 
 def all_finite(x: Tensor) -> bool:
@@ -277,5 +337,56 @@ def functorch_active() -> bool:
 
 
 def tracing() -> bool:
-    """True under torch.compile or a torch.func transform, where tensors cannot go through numpy."""
-    return torch.compiler.is_compiling() or functorch_active()
+    """True while a graph is traced (:func:`graph_tracing`) or a torch.func transform is active: tensors then
+    cannot go through numpy, and their values cannot be read without data-dependent control flow."""
+    return graph_tracing() or functorch_active()
+
+
+def graph_tracing() -> bool:
+    """True under ``torch.compile`` (dynamo and its AOT tracing), ``torch.export`` (strict or not) and ``make_fx``
+    or a ``FakeTensorMode``: tensors there may hold no data, and reading one is data-dependent control flow."""
+    if torch.compiler.is_compiling():
+        return True
+    if not _DISPATCH_MODE_KEYS or not torch._C._len_torch_dispatch_stack():  # no mode at all: the common case
+        return False
+    return any(_get_dispatch_mode(key) is not None for key in _DISPATCH_MODE_KEYS)
+
+
+_get_dispatch_mode: Callable[[Any], object] = getattr(torch._C, "_get_dispatch_mode", lambda key: None)
+_DISPATCH_MODE_KEYS: tuple[Any, ...] = (
+    (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
+    if hasattr(torch._C, "_TorchDispatchModeKey")
+    else ()
+)
+_jit_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+
+
+def holds_traced_tensor(value: object) -> bool:
+    """True if ``value`` is or holds (in a tuple, list, dict or dataclass) a tensor that exists only inside a
+    trace: a FakeTensor or functional tensor (``torch.export``, AOT tracing, ``make_fx``), any other tensor
+    subclass, or a tensor wrapped by a ``torch.func`` transform. Such a value must never be cached: used after
+    its trace it fails (``GuardOnDataDependentSymNode``) or returns fakes (:meth:`emdloss.Tree.cached`)."""
+    if isinstance(value, Tensor):
+        if type(value) not in (Tensor, torch.nn.Parameter):
+            return True
+        wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+        functional = getattr(torch, "_is_functional_tensor", None)
+        return bool((wrapped is not None and wrapped(value)) or (functional is not None and functional(value)))
+    if isinstance(value, (tuple, list)):
+        return any(holds_traced_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds_traced_tensor(v) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(holds_traced_tensor(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def cacheable(value: object) -> bool:
+    """Whether :meth:`emdloss.Tree.cached` may keep ``value``: nothing dynamo builds symbolically (it would
+    replay the store on every compiled call), and no traced tensor (:func:`holds_traced_tensor`: what
+    ``torch.export``, ``make_fx`` or ``torch.func`` make). What a function that dynamo runs eagerly builds
+    (``torch.compiler.assume_constant_result``) is real, and kept."""
+    return not _dynamo_tracing() and not holds_traced_tensor(value)
+
+
+_dynamo_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)

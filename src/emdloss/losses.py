@@ -201,6 +201,8 @@ class SinkhornLoss(nn.Module):
         loss = criterion(logits, labels)
     """
 
+    cost: Tensor  # (C, C) float64 buffer, registered in __init__ (declared here for type checkers)
+
     def __init__(
         self,
         cost: Any,

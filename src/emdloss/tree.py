@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from ._atomic import write_text
 from ._class_pairs import class_pairs
@@ -89,6 +90,22 @@ class Tree:
         "subtree_end",
         "weights",
     )
+
+    # Class-level declarations of the slots, so that type checkers know them (annotations only: a value here would
+    # clash with the slot). All arrays are read-only and set once, in __init__, via object.__setattr__.
+    parents: npt.NDArray[np.int64]
+    weights: npt.NDArray[np.float64]
+    classes: npt.NDArray[np.int64]
+    names: tuple[str, ...] | None
+    root: int
+    preorder: npt.NDArray[np.int64]
+    position: npt.NDArray[np.int64]
+    subtree_end: npt.NDArray[np.int64]
+    edge_nodes: npt.NDArray[np.int64]
+    _depth: npt.NDArray[np.float64]
+    _is_chain: bool
+    _hash: int | None
+    _derived: dict[Hashable, Any]
 
     def __init__(
         self,
@@ -369,11 +386,18 @@ class Tree:
     def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         """``build()``, computed once per ``key`` and kept with this tree (which is immutable, so the value
         stays valid): how backends and metrics keep their index arrays and per-device tensors. Not part of
-        equality, hashing or serialisation."""
+        equality, hashing or serialisation. Never keeps a tensor made by a tracer (``torch.export``'s fake
+        tensors, functional or ``torch.func``-wrapped ones) nor what dynamo builds symbolically
+        (:func:`emdloss._inputs.cacheable`): they would poison later eager and compiled calls."""
         found = self._derived.get(key, _MISSING)
-        if found is _MISSING:
-            found = self._derived[key] = build()
-        return found
+        if found is not _MISSING:
+            return cast(T, found)  # stored by build() of the same key below
+        value = build()
+        from ._inputs import cacheable  # here: this module itself needs no torch
+
+        if cacheable(value):
+            self._derived[key] = value
+        return value
 
     def lca_depth(self, hops: bool = True) -> np.ndarray:
         """(C, C) float64 depth of the lowest common ancestor of two classes (in edges if ``hops``, else weighted;
@@ -437,17 +461,21 @@ class Tree:
         return not _describe_difference(self, other, "here", "there")  # equal exactly when nothing differs
 
     def __hash__(self) -> int:
-        if self._hash is None:
+        h = self._hash
+        if h is None:
             h = hash((self.parents.tobytes(), self.weights.tobytes(), self.classes.tobytes(), self.names))
             object.__setattr__(self, "_hash", h)
-        return self._hash
+        return h
 
     def __repr__(self) -> str:
         kind = "chain" if self.is_chain else "tree"
         return f"Tree({kind}, num_nodes={self.num_nodes}, num_classes={self.num_classes})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Tree, (self.parents, self.weights, self.names, self.classes))
+        # plain lists (as in to_dict), not numpy arrays: torch.load(weights_only=True) then needs only Tree itself
+        # in torch.serialization.add_safe_globals; the constructor validates them again on load
+        names = list(self.names) if self.names is not None else None
+        return (Tree, (self.parents.tolist(), self.weights.tolist(), names, self.classes.tolist()))
 
 
 # ---------------------------------------------------------------------- helpers

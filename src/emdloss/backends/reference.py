@@ -18,7 +18,10 @@ a handful of passes; the fused CPU backend (:mod:`.fused_cpu`) does the same in 
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -60,16 +63,47 @@ class TreeTensors:
 
     @staticmethod
     def cached(tree: Tree, device: torch.device) -> TreeTensors:
-        """The tensors of ``tree`` on ``device``, built once per tree and device.
+        """The tensors of ``tree`` on ``device``, built once per tree and device (one host-to-device copy, on the
+        first call) and then reused: a call copies nothing and reads nothing back, so it never synchronises.
 
-        Never from inside a trace: tensors made while ``torch.compile`` traces are not cached (they must not
-        outlive it), and inside ``torch.func`` transforms they are built with functorch disabled (a factory
-        call there returns a tensor wrapped at the transform's level, which fails once the level is gone).
+        Under ``torch.compile`` they come from :func:`_graph_constants`: dynamo runs it eagerly and keeps its
+        result as constants of the graph (guarded on the tree's identity), so the compiled graph holds no
+        per-call copy or tree-array work. Inside ``torch.func`` transforms they are built with functorch
+        disabled (a factory call there returns a tensor wrapped at the transform's level, which fails once the
+        level is gone). Whatever a tracer makes of them (``torch.export``'s fake tensors) is never cached
+        (:meth:`emdloss.Tree.cached`).
         """
         if torch.compiler.is_compiling():
-            return TreeTensors.from_tree(tree, device)
-        with _plain_tensors():
-            return tree.cached(("reference", str(device)), lambda: TreeTensors.from_tree(tree, device))
+            return _graph_constants(tree, device)
+        return _cached_tensors(tree, device)
+
+
+def _cached_tensors(tree: Tree, device: torch.device) -> TreeTensors:
+    with _plain_tensors():
+        return tree.cached(("reference", str(device)), lambda: TreeTensors.from_tree(tree, device))
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _assume_constant(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result``: the function then runs eagerly while dynamo traces, and its
+    result is a constant of the graph. That decorator imports ``torch._dynamo`` (and triton with it, where
+    installed), which ``import emdloss`` must not; when dynamo is not loaded yet, set the one attribute the
+    decorator sets instead (tests/test_tracing.py checks that compiled graphs still take them as constants)."""
+    if "torch._dynamo" in sys.modules:
+        return cast(_F, torch.compiler.assume_constant_result(fn))
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant
+def _graph_constants(tree: Tree, device: torch.device) -> TreeTensors:
+    """The cached tensors as seen by ``torch.compile``: run eagerly at trace time, so they are real tensors,
+    cached, and the graph reads them as constants. Under ``torch.export`` (non-strict), which runs Python itself
+    under a fake mode, this is a plain call: an eager call's cached tensors become constants of the exported
+    program, or fake ones are built there and not cached."""
+    return _cached_tensors(tree, device)
 
 
 def _plain_tensors() -> contextlib.AbstractContextManager[None]:
@@ -131,12 +165,12 @@ class _ReferenceEMDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(d: Tensor, tt: TreeTensors, rho: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(d: Tensor, tt: TreeTensors, rho: float) -> tuple[Tensor, Tensor]:
         f = edge_flows(d, tt)
         return edge_cost(f, tt.edge_w, rho).to(d.dtype), f
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         d, tt, rho = inputs
         f = output[1]
         ctx.mark_non_differentiable(f)
@@ -145,7 +179,7 @@ class _ReferenceEMDFunction(torch.autograd.Function):
         ctx.tt, ctx.rho, ctx.dtype = tt, rho, d.dtype
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore
+    def backward(ctx: Any, grad_out: Tensor, _grad_f: Tensor | None) -> tuple[Tensor | None, None, None]:
         d, f = ctx.saved_tensors
         if torch.is_grad_enabled() or functorch_active():  # the backward is being differentiated
             f = edge_flows(d, ctx.tt)
@@ -153,7 +187,7 @@ class _ReferenceEMDFunction(torch.autograd.Function):
         return flow_gradient(h, ctx.tt).to(ctx.dtype), None, None
 
     @staticmethod
-    def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
+    def vmap(info: Any, in_dims: tuple[int | None, ...], d: Tensor, tt: TreeTensors, rho: float) -> Any:
         return _vmap_rows(_ReferenceEMDFunction, in_dims, d, tt, rho)
 
 
@@ -163,23 +197,26 @@ class _ReferenceEMDFunctionWithJvp(_ReferenceEMDFunction):
     a Function that defines ``jvp``."""
 
     @staticmethod
-    def jvp(ctx, d_t: Tensor, _tt_t: None, _rho_t: None) -> tuple[Tensor, None]:  # type: ignore[override]
+    def jvp(ctx: Any, d_t: Tensor, _tt_t: None, _rho_t: None) -> tuple[Tensor, None]:
         (f,) = ctx.saved_tensors  # in jvp: what setup_context saved for forward
         f_t = edge_flows(d_t, ctx.tt)
         return (edge_cost_grad(f, ctx.tt.edge_w, ctx.rho) * f_t).sum(-1).to(ctx.dtype), None
 
     @staticmethod
-    def vmap(info, in_dims, d: Tensor, tt: TreeTensors, rho: float):  # type: ignore[override]
+    def vmap(info: Any, in_dims: tuple[int | None, ...], d: Tensor, tt: TreeTensors, rho: float) -> Any:
         return _vmap_rows(_ReferenceEMDFunctionWithJvp, in_dims, d, tt, rho)
 
 
-def _vmap_rows(function: type[torch.autograd.Function], in_dims, d: Tensor, tt: TreeTensors, rho: float):
+def _vmap_rows(
+    function: type[torch.autograd.Function], in_dims: tuple[int | None, ...], d: Tensor, tt: TreeTensors, rho: float
+) -> Any:
     """The vmap rule of both Functions: rows are independent, so the vmapped dimension folds into them."""
+    apply: Callable[..., Any] = function.apply
     if in_dims[0] is None:
-        return function.apply(d, tt, rho), (None, None)
+        return apply(d, tt, rho), (None, None)
     d = d.movedim(in_dims[0], 0)
     b = d.shape[0]
-    loss, f = function.apply(d.reshape(-1, d.shape[-1]), tt, rho)
+    loss, f = apply(d.reshape(-1, d.shape[-1]), tt, rho)
     return (loss.reshape(b, -1), f.reshape(b, -1, f.shape[-1])), (0, 0)
 
 
@@ -193,31 +230,33 @@ class _FlowsFunction(torch.autograd.Function):
     form with a ``vmap`` rule, so ``torch.func`` transforms work."""
 
     @staticmethod
-    def forward(d: Tensor, tt: TreeTensors) -> Tensor:  # type: ignore[override]
+    def forward(d: Tensor, tt: TreeTensors) -> Tensor:
         return edge_flows(d, tt)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         d, tt = inputs
         ctx.tt, ctx.dtype = tt, d.dtype
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return flow_gradient(grad.to(ACC_DTYPE), ctx.tt).to(ctx.dtype), None
 
     @staticmethod
-    def vmap(info, in_dims, d: Tensor, tt: TreeTensors):  # type: ignore[override]
+    def vmap(info: Any, in_dims: tuple[int | None, ...], d: Tensor, tt: TreeTensors) -> Any:
+        apply: Callable[..., Tensor] = _FlowsFunction.apply
         if in_dims[0] is None:
-            return _FlowsFunction.apply(d, tt), None
+            return apply(d, tt), None
         d = d.movedim(in_dims[0], 0)
         b = d.shape[0]
-        f = _FlowsFunction.apply(d.reshape(-1, d.shape[-1]), tt)
+        f = apply(d.reshape(-1, d.shape[-1]), tt)
         return f.reshape(b, -1, f.shape[-1]), 0
 
 
 def differentiable_flows(d: Tensor, tree: Tree) -> Tensor:
     """(M, C) mass differences -> (M, E) flows in ``d``'s dtype, differentiable (for :func:`emdloss.functional.flows`)."""
-    return _FlowsFunction.apply(d, TreeTensors.cached(tree, d.device)).to(d.dtype)
+    apply: Callable[..., Tensor] = _FlowsFunction.apply
+    return apply(d, TreeTensors.cached(tree, d.device)).to(d.dtype)
 
 
 class ReferenceBackend(Backend):
@@ -239,10 +278,13 @@ class ReferenceBackend(Backend):
         if batch.soft is not None:
             d = p - batch.soft.to(compute)
         else:
-            labels = batch.labels if batch.keep is None else torch.where(batch.keep, batch.labels, 0)
+            labels = cast(Tensor, batch.labels)  # a Batch holds labels or soft targets
+            if batch.keep is not None:
+                labels = torch.where(batch.keep, labels, 0)
             d = p - torch.zeros_like(p).scatter(1, labels[:, None], 1.0)  # one_hot reads values: no vmap
         function = _ReferenceEMDFunctionWithJvp if _forward_mode_possible() else _ReferenceEMDFunction
-        loss = function.apply(d, tt, rho)[0]
+        apply: Callable[..., tuple[Tensor, Tensor]] = function.apply
+        loss = apply(d, tt, rho)[0]
         if batch.keep is not None:
             loss = loss * batch.keep
         return loss.to(x.dtype)
