@@ -30,7 +30,7 @@ import numpy as np
 
 from ...tree import Tree
 from ..base import BackendWarning
-from . import one_row, pool
+from . import compile_notice, one_row, pool
 from .tree_arrays import InternalTree, chain_spacing, distance_rows
 
 #: Largest class count for which hard rho=1 targets use the cached C x C distance matrix (64 MiB float32).
@@ -95,8 +95,9 @@ def tree_rows(
     y = labels if labels is not None else np.empty(0, dtype=np.int64)
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
         dist, depth = distance_rows(tree, x.dtype)
-        args = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
-        _run(one_row._distance_kernel, n, n * c, *args)
+        args: tuple[object, ...] = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
+        with compile_notice.first_call(("distance", x.dtype.char, from_logits, need_grad)):
+            _run(one_row._distance_kernel, n, n * c, *args)
         return loss, grad if need_grad else None
     q = soft if soft is not None else zero_row(c, x.dtype)
     if tree.is_chain:
@@ -123,11 +124,14 @@ def tree_rows(
     if lanes is not None and lanes.lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize):
         try:
             n_blocks = -(-n // lanes.LANES)
-            pool.run_rows(lanes._lanes_kernel, n_blocks, work, *args, *lanes.block_markers(tree.is_chain, rho))
+            markers = lanes.block_markers(tree.is_chain, rho)
+            with compile_notice.first_call(("lanes", markers, x.dtype.char, soft is None, from_logits, need_grad)):
+                pool.run_rows(lanes._lanes_kernel, n_blocks, work, *args, *markers)
             return loss, grad if need_grad else None
         except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
             disable_lane_kernels(exc)
-    _run(one_row._rows_kernel, n, work, *args)
+    with compile_notice.first_call(("rows", x.dtype.char, soft is None, from_logits, need_grad)):
+        _run(one_row._rows_kernel, n, work, *args)
     return loss, grad if need_grad else None
 
 

@@ -5,6 +5,8 @@ batches of 8 rows and more (:func:`lanes_pay_off`). The sweeps are those of :mod
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -322,6 +324,7 @@ def _tree_pow(
 BLOCKS = ("chain_rho1", "chain_rho2", "chain_pow", "tree_rho1", "tree_rho2", "tree_pow")
 
 
+@functools.lru_cache(maxsize=64)
 def block_markers(chain: bool, rho: float) -> tuple[bool | None, ...]:
     """The kernel's six ``use_*`` arguments for a call: True for the block it needs, None for the others.
 
