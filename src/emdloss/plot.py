@@ -13,13 +13,14 @@ pre-order, an internal node sits at the middle of its first and last child, y is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._optional import require
 from .tree import Tree
 
 __all__ = ["plot_chain_cdfs", "plot_tree_flows", "select_nodes", "tidy_layout"]
@@ -125,8 +126,8 @@ def plot_tree_flows(
         ax: an Axes to draw into (default: a new figure sized to the drawn tree).
         title: default states the EMD.
     """
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    plt = require("matplotlib.pyplot", "plot", "emdloss.plot.plot_tree_flows")
+    Line2D = require("matplotlib.lines", "plot").Line2D
 
     from .functional import flows
 
@@ -240,7 +241,7 @@ def _is_leaf(pos: Mapping[int, tuple[float, float]], v: int, tree: Tree) -> bool
     return not any(int(tree.preorder[k]) in pos for k in range(lo + 1, int(tree.subtree_end[lo])))
 
 
-def _labeller(tree: Tree, labels: Mapping[str, str] | Sequence[str] | None):
+def _labeller(tree: Tree, labels: Mapping[str, str] | Sequence[str] | None) -> Callable[[int], str]:
     names = tree.names
 
     def label(v: int) -> str:
@@ -273,7 +274,7 @@ def plot_chain_cdfs(
         probs: (K,) predicted distribution. target: class index or (K,) distribution.
         class_labels: tick labels (default 0..K-1). spacing: (K-1,) gaps between classes (default 1).
     """
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plot", "emdloss.plot.plot_chain_cdfs")
 
     if isinstance(probs, Tensor):
         p = probs.detach().cpu().double().numpy().reshape(-1)

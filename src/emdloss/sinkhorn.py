@@ -49,7 +49,8 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -291,6 +292,7 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` for a :func:`warnings.warn` in this package's function that calls this one: it points
     at the first frame outside the package and ``torch.nn.modules`` (the user's line, also through
     :class:`SinkhornLoss`)."""
+    frame: FrameType | None
     frame, level = sys._getframe(1), 1  # the caller of this function, whose warnings.warn is stacklevel 1
     while frame is not None and frame.f_code.co_filename.startswith((_OWN_DIR, _TORCH_MODULES_DIR)):
         frame, level = frame.f_back, level + 1
@@ -317,6 +319,70 @@ def _warn_unconverged(err: Tensor, keep: Tensor | None, tol: float, max_iter: in
         SinkhornConvergenceWarning,
         stacklevel=_user_stacklevel(),
     )
+
+
+# The overloads tell a type checker that the result is a tuple exactly when return_info=True.
+@overload
+def sinkhorn(
+    input: Tensor,
+    target: Tensor,
+    cost: Any,
+    *,
+    reg: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    log_domain: bool = True,
+    grad: str = "envelope",
+    from_logits: bool = True,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    validate: bool | None = None,
+    on_underflow: str = "raise",
+    return_info: Literal[False] = False,
+    warm_start: Tensor | None = None,
+) -> Tensor: ...
+
+
+@overload
+def sinkhorn(
+    input: Tensor,
+    target: Tensor,
+    cost: Any,
+    *,
+    reg: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    log_domain: bool = True,
+    grad: str = "envelope",
+    from_logits: bool = True,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    validate: bool | None = None,
+    on_underflow: str = "raise",
+    return_info: Literal[True],
+    warm_start: Tensor | None = None,
+) -> tuple[Tensor, SinkhornInfo]: ...
+
+
+@overload
+def sinkhorn(
+    input: Tensor,
+    target: Tensor,
+    cost: Any,
+    *,
+    reg: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    log_domain: bool = True,
+    grad: str = "envelope",
+    from_logits: bool = True,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    validate: bool | None = None,
+    on_underflow: str = "raise",
+    return_info: bool = False,
+    warm_start: Tensor | None = None,
+) -> Tensor | tuple[Tensor, SinkhornInfo]: ...
 
 
 def sinkhorn(
@@ -391,6 +457,7 @@ def sinkhorn(
         labels = rows.labels if rows.keep is None else torch.where(rows.keep, rows.labels, 0)
         b = torch.nn.functional.one_hot(labels, m64.shape[0]).to(acc)
     else:
+        assert rows.soft is not None  # exactly one of labels and soft is set (Batch)
         b = rows.soft.to(acc)
     lb = _safe_log(b)
     g0 = None

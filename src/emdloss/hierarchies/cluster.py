@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 
+from .._optional import require
 from ..tree import Tree
 
 __all__ = ["DistortionReport", "from_distance_matrix", "from_embeddings", "tree_distortion"]
@@ -68,7 +70,8 @@ def _check_matrix(d: np.ndarray) -> np.ndarray:
 
 def tree_distortion(tree: Tree, distance: np.ndarray) -> DistortionReport:
     """Compare ``tree.distance_matrix()`` with ``distance`` (C, C) over all class pairs ``i < j``."""
-    from scipy.stats import pearsonr, spearmanr
+    stats = require("scipy.stats", "hierarchies", "emdloss.hierarchies.tree_distortion")
+    pearsonr, spearmanr = stats.pearsonr, stats.spearmanr
 
     d = _check_matrix(distance)
     t = tree.distance_matrix()
@@ -118,6 +121,40 @@ def _tree_from_linkage(z: np.ndarray, names: Sequence[str] | None, collapse_ties
     return Tree.from_parents(parents, weights=w, names=node_names, classes=np.arange(c))
 
 
+# The overloads tell a type checker that the result is a (tree, report) pair exactly when return_report=True.
+@overload
+def from_distance_matrix(
+    distance: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: Literal[False] = False,
+) -> Tree: ...
+
+
+@overload
+def from_distance_matrix(
+    distance: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: Literal[True],
+) -> tuple[Tree, DistortionReport]: ...
+
+
+@overload
+def from_distance_matrix(
+    distance: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: bool = False,
+) -> Tree | tuple[Tree, DistortionReport]: ...
+
+
 def from_distance_matrix(
     distance: np.ndarray,
     names: Sequence[str] | None = None,
@@ -135,8 +172,8 @@ def from_distance_matrix(
         collapse_ties: merge clusters formed at the same height into one n-ary node.
         return_report: also return the :class:`DistortionReport` against ``distance``.
     """
-    from scipy.cluster.hierarchy import linkage
-    from scipy.spatial.distance import squareform
+    linkage = require("scipy.cluster.hierarchy", "hierarchies", "emdloss.hierarchies.from_distance_matrix").linkage
+    squareform = require("scipy.spatial.distance", "hierarchies").squareform
 
     if method not in _METHODS or method == "ward":
         raise ValueError(f"method must be one of {_METHODS[:-1]} for a distance matrix, got {method!r}")
@@ -145,6 +182,42 @@ def from_distance_matrix(
     z = linkage(squareform(d, checks=False), method=method)
     tree = _tree_from_linkage(z, names, collapse_ties)
     return (tree, tree_distortion(tree, d)) if return_report else tree
+
+
+@overload
+def from_embeddings(
+    embeddings: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    metric: str = "euclidean",
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: Literal[False] = False,
+) -> Tree: ...
+
+
+@overload
+def from_embeddings(
+    embeddings: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    metric: str = "euclidean",
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: Literal[True],
+) -> tuple[Tree, DistortionReport]: ...
+
+
+@overload
+def from_embeddings(
+    embeddings: np.ndarray,
+    names: Sequence[str] | None = None,
+    *,
+    metric: str = "euclidean",
+    method: str = "average",
+    collapse_ties: bool = True,
+    return_report: bool = False,
+) -> Tree | tuple[Tree, DistortionReport]: ...
 
 
 def from_embeddings(
@@ -161,8 +234,9 @@ def from_embeddings(
     ``method`` may also be "ward" here (euclidean only); the report compares the tree with the pairwise
     ``metric`` distances. See :func:`from_distance_matrix`.
     """
-    from scipy.cluster.hierarchy import linkage
-    from scipy.spatial.distance import pdist, squareform
+    linkage = require("scipy.cluster.hierarchy", "hierarchies", "emdloss.hierarchies.from_embeddings").linkage
+    distance = require("scipy.spatial.distance", "hierarchies")
+    pdist, squareform = distance.pdist, distance.squareform
 
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:

@@ -3,12 +3,52 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..tree import Tree
 from ._dag import DagReport, dag_to_tree
 
 __all__ = ["from_networkx"]
+
+
+# The overloads tell a type checker that the result is a (tree, report) pair exactly when return_report=True.
+@overload
+def from_networkx(
+    graph: Any,
+    classes: Sequence[Hashable] | None = None,
+    *,
+    weight: str | None = None,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    root_name: str = "<root>",
+    return_report: Literal[False] = False,
+) -> Tree: ...
+
+
+@overload
+def from_networkx(
+    graph: Any,
+    classes: Sequence[Hashable] | None = None,
+    *,
+    weight: str | None = None,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    root_name: str = "<root>",
+    return_report: Literal[True],
+) -> tuple[Tree, DagReport]: ...
+
+
+@overload
+def from_networkx(
+    graph: Any,
+    classes: Sequence[Hashable] | None = None,
+    *,
+    weight: str | None = None,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    root_name: str = "<root>",
+    return_report: bool = False,
+) -> Tree | tuple[Tree, DagReport]: ...
 
 
 def from_networkx(

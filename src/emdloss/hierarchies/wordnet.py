@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
+from .._optional import require
 from ..tree import Tree, TreeError
 from ._dag import DagReport, check_policy, dag_to_tree
 
@@ -45,8 +46,42 @@ def read_words(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
-def _finish(tree_report: tuple[Tree, DagReport], return_report: bool) -> Any:
+def _finish(tree_report: tuple[Tree, DagReport], return_report: bool) -> Tree | tuple[Tree, DagReport]:
     return tree_report if return_report else tree_report[0]
+
+
+# The overloads tell a type checker that the result is a (tree, report) pair exactly when return_report=True.
+@overload
+def from_isa_file(
+    path: str | os.PathLike[str],
+    classes: Sequence[str],
+    *,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: Literal[False] = False,
+) -> Tree: ...
+
+
+@overload
+def from_isa_file(
+    path: str | os.PathLike[str],
+    classes: Sequence[str],
+    *,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: Literal[True],
+) -> tuple[Tree, DagReport]: ...
+
+
+@overload
+def from_isa_file(
+    path: str | os.PathLike[str],
+    classes: Sequence[str],
+    *,
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: bool = False,
+) -> Tree | tuple[Tree, DagReport]: ...
 
 
 def from_isa_file(
@@ -71,6 +106,45 @@ def from_isa_file(
 
 def _wnid(synset: Any) -> str:
     return f"{synset.pos()}{synset.offset():08d}"
+
+
+@overload
+def from_nltk(
+    classes: Sequence[Any],
+    *,
+    wordnet: Any = None,
+    include_instances: bool = False,
+    names: str = "wnid",
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: Literal[False] = False,
+) -> Tree: ...
+
+
+@overload
+def from_nltk(
+    classes: Sequence[Any],
+    *,
+    wordnet: Any = None,
+    include_instances: bool = False,
+    names: str = "wnid",
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: Literal[True],
+) -> tuple[Tree, DagReport]: ...
+
+
+@overload
+def from_nltk(
+    classes: Sequence[Any],
+    *,
+    wordnet: Any = None,
+    include_instances: bool = False,
+    names: str = "wnid",
+    multi_parent: str = "deepest",
+    prune: bool = False,
+    return_report: bool = False,
+) -> Tree | tuple[Tree, DagReport]: ...
 
 
 def from_nltk(
@@ -122,10 +196,7 @@ def from_nltk(
 
 
 def _nltk_wordnet() -> Any:
-    try:
-        from nltk.corpus import wordnet
-    except ImportError:
-        raise ImportError("from_nltk needs nltk: pip install 'emdloss[nltk]'") from None
+    wordnet = require("nltk.corpus", "nltk", "emdloss.hierarchies.from_nltk").wordnet
     try:
         wordnet.ensure_loaded()
     except LookupError:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emdloss._optional import require
 from emdloss.tree import Tree
 
 from . import runner
@@ -80,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def chain_task(seed: int, num_classes: int) -> dict[str, Any]:
     """Diabetes progression in ``num_classes`` quantile classes; a random half for training."""
-    from sklearn.datasets import load_diabetes
+    load_diabetes = require("sklearn.datasets", "demo", "emdloss demo").load_diabetes
 
     x, t = load_diabetes(return_X_y=True)
     rng = np.random.default_rng(seed)
@@ -101,7 +102,7 @@ def chain_task(seed: int, num_classes: int) -> dict[str, Any]:
 
 def tree_task(seed: int, per_class: int) -> dict[str, Any]:
     """Digits with ``per_class`` training images a class and a tree clustered from the training class means."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "demo", "emdloss demo").load_digits
 
     from emdloss.hierarchies import from_embeddings
 
@@ -198,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
         table = loss_table(results[task_name], DEMO_LOSSES, keys, LABELS)
         text.append(f"## {title}\n\n{table}\n")
     arrows = (
-        "Higher is better for accuracy, qwk and top1; lower for mae, mistake_severity (mean tree distance "
-        "of the mistakes), hdist@5 and emd (mean exact EMD to the true class on the test split)."
+        "Higher is better for accuracy, qwk and top1; lower for mae, mistake_severity (mean LCA height of "
+        "the mistakes, Bertinetto et al. 2020), hdist@5 (LCA height, top 5) and emd (mean exact EMD to the true "
+        "class on the test split)."
     )
     summary = conclusion(results, args.seeds, args.steps)
     report = "\n".join(text) + "\n" + arrows + "\n\n## Conclusion\n\n" + summary + "\n"
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 VERDICTS = [
     ("chain", "mae", False, "the smallest mean absolute error", " classes"),
     ("chain", "qwk", True, "the highest quadratic weighted kappa", ""),
-    ("tree", "mistake_severity", False, "the mildest mistakes (mean tree distance of a wrong guess)", ""),
+    ("tree", "mistake_severity", False, "the mildest mistakes (mean LCA height of a wrong guess)", ""),
     ("tree", "top1", True, "the highest top-1 accuracy", ""),
 ]
 SHORT = {"chain": "Diabetes, ordered classes", "tree": "Digits, tree"}

@@ -526,7 +526,8 @@ def evaluate(
     amp: bool,
     amp_dtype: torch.dtype,
 ) -> dict[str, float]:
-    """Validation metrics (top-1/5, mistake severity, LCA height, hdist@5, EMD), all-reduced across processes."""
+    """Validation metrics (top-1/5; mistake severity and hdist@5, each as LCA height and as path length; EMD),
+    summed across processes by torchmetrics."""
     from emdloss.metrics import HierarchicalMetrics
 
     sampler = (
@@ -535,10 +536,10 @@ def evaluate(
         else None
     )
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers)
-    m = HierarchicalMetrics(tree, k=min(5, tree.num_classes))
+    m = HierarchicalMetrics(tree, k=min(5, tree.num_classes)).to(device)
     model.eval()
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(x.to(device))
         m.update(logits.float(), y.to(device))
-    return {f"val_{k}": v for k, v in m.compute().items()}
+    return {f"val_{k}": float(v) for k, v in m.compute().items()}

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from emdloss import Tree
+from emdloss._optional import require
 from emdloss.functional import emd, sinkhorn
 from emdloss.sinkhorn import SinkhornConvergenceWarning, underflow_reg
 
@@ -313,7 +314,7 @@ def timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
 def _timing(kind: str, c: int, config: dict[str, Any]) -> dict[str, Any]:
     """:func:`timing` on the current threads: a chain or random tree with ``c`` classes (a random tree may
     get a few more), reg = 0.05 max(M), soft float32 targets."""
-    import ot
+    ot = require("ot", "bench", "the Sinkhorn study's POT timings")
 
     rng = np.random.default_rng(config["seed"] + c)
     if kind == "chain":

@@ -21,13 +21,15 @@ None of these check bounds: the kernels size their buffers for them.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, overload, register_model
+from numba.extending import models, overload, register_model
 
-from .simd import FASTMATH
+from .simd import FASTMATH, compiled_intrinsic
 from .tree_arrays import LANES  # :data:`lanes` holds this many float64 values
 
 _FLAGS = tuple(sorted(FASTMATH))  # the scalar kernels' flags, for the vector arithmetic
@@ -48,37 +50,39 @@ lanes = Lanes()
 
 @register_model(Lanes)
 class _LanesModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VEC)
+    def __init__(self, dmm: Any, fe_type: Lanes) -> None:  # dmm: numba's DataModelManager
+        super().__init__(dmm, fe_type, _VEC)  # type: ignore[no-untyped-call]  # numba's data models are unannotated
 
 
 def _index(i: int) -> ir.Constant:
     return ir.Constant(_I32, i)
 
 
-def _splat(builder, value):
+def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     vec = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, _index(0))
     return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
-def _shuffle(builder, a, b, mask):
+def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, mask: Sequence[int]) -> ir.Value:
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, LANES), mask))
 
 
-def _vector_pointer(context, builder, array_type, array, index, vector_type):
+def _vector_pointer(
+    context: Any, builder: ir.IRBuilder, array_type: types.Array, array: ir.Value, index: ir.Value, vector_type: ir.Type
+) -> ir.Value:
     """Pointer to ``array[index]`` (a 1-D contiguous array), typed as a pointer to ``vector_type``."""
     data = context.make_array(array_type)(context, builder, array).data
     return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
 
 
-def _is_flat(array, dtypes) -> bool:
+def _is_flat(array: types.Type, dtypes: tuple[types.Type, ...]) -> bool:
     return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype in dtypes
 
 
 # ---------------------------------------------------------------------- making and storing lanes
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_fill(typingctx, value):  # pragma: no cover - compiled
     """Every lane = ``value`` (a number, converted to float64)."""
     if not isinstance(value, (types.Float, types.Integer)):
@@ -90,7 +94,7 @@ def lanes_fill(typingctx, value):  # pragma: no cover - compiled
     return lanes(value), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_load(typingctx, array, base):  # pragma: no cover - compiled
     """``array[base : base + LANES]`` (float64, 1-D contiguous) as lanes."""
     if not _is_flat(array, (types.float64,)):
@@ -102,7 +106,7 @@ def lanes_load(typingctx, array, base):  # pragma: no cover - compiled
     return lanes(array, base), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_store(typingctx, array, base, value):  # pragma: no cover - compiled
     """``array[base : base + LANES] = value`` (float64, 1-D contiguous)."""
     if not _is_flat(array, (types.float64,)) or value != lanes:
@@ -115,7 +119,7 @@ def lanes_store(typingctx, array, base, value):  # pragma: no cover - compiled
     return types.none(array, base, value), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_to_tuple(typingctx, value):  # pragma: no cover - compiled
     """The lanes as a tuple of LANES float64 scalars."""
     tuple_type = types.UniTuple(types.float64, LANES)
@@ -131,7 +135,7 @@ def lanes_to_tuple(typingctx, value):  # pragma: no cover - compiled
     return tuple_type(value), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_from_tuple(typingctx, values):  # pragma: no cover - compiled
     """Lanes from a tuple of LANES numbers."""
     if not (isinstance(values, types.UniTuple) and values.count == LANES):
@@ -147,7 +151,7 @@ def lanes_from_tuple(typingctx, values):  # pragma: no cover - compiled
     return lanes(values), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_one_hot(typingctx, k, labels):  # pragma: no cover - compiled
     """1.0 in the lanes whose ``labels[l]`` (a tuple of LANES integers) equals ``k``, else 0.0: one vector
     compare (the label vector is loop-invariant, so LLVM builds it once)."""
@@ -173,8 +177,8 @@ def lanes_one_hot(typingctx, k, labels):  # pragma: no cover - compiled
 # ---------------------------------------------------------------------- arithmetic
 
 
-def _binary(instruction: str):
-    @intrinsic
+def _binary(instruction: str) -> Callable[..., Any]:
+    @compiled_intrinsic
     def operation(typingctx, a, b):  # pragma: no cover - compiled
         if a != lanes or b != lanes:
             return None
@@ -190,7 +194,7 @@ def _binary(instruction: str):
 _add, _sub, _mul = _binary("fadd"), _binary("fsub"), _binary("fmul")
 
 
-def _overload_binary(op, implementation) -> None:
+def _overload_binary(op: Callable[[Any, Any], Any], implementation: Callable[..., Any]) -> None:
     @overload(op)
     def _lanes_op(a, b):
         if a == lanes and b == lanes:
@@ -206,7 +210,7 @@ for _op, _impl in ((operator.add, _add), (operator.sub, _sub), (operator.mul, _m
     _overload_binary(_op, _impl)
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_abs(typingctx, value):  # pragma: no cover - compiled
     """|value| lane by lane (``llvm.fabs``)."""
     if value != lanes:
@@ -219,7 +223,7 @@ def lanes_abs(typingctx, value):  # pragma: no cover - compiled
     return lanes(value), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_clamp_unit(typingctx, value):  # pragma: no cover - compiled
     """min(max(value, -1), 1) lane by lane, by compare and select (NaN stays NaN)."""
     if value != lanes:
@@ -252,7 +256,7 @@ _PAIRS_LO, _PAIRS_HI = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
 _HALVES_LO, _HALVES_HI = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
 
 
-def _transpose(builder, rows: list) -> list:
+def _transpose(builder: ir.IRBuilder, rows: Sequence[ir.Value]) -> list[ir.Value]:
     """The 8 x 8 transpose of eight 8-vectors (row r, element c -> vector c, element r)."""
     unpacked = []
     for r in range(0, 8, 2):
@@ -274,7 +278,9 @@ def _transpose(builder, rows: list) -> list:
     ]
 
 
-def _row_pointers(context, builder, signature, args, vector_type):
+def _row_pointers(
+    context: Any, builder: ir.IRBuilder, signature: Any, args: Sequence[ir.Value], vector_type: ir.Type
+) -> list[ir.Value]:
     """Pointers to ``array[offsets[l] + j]`` for the eight rows l (args: array, offsets, j, ...)."""
     pointers = []
     for lane in range(LANES):
@@ -284,7 +290,7 @@ def _row_pointers(context, builder, signature, args, vector_type):
     return pointers
 
 
-def _columns_args_ok(array, offsets) -> bool:
+def _columns_args_ok(array: types.Type, offsets: types.Type) -> bool:
     return (
         _is_flat(array, (types.float32, types.float64))
         and isinstance(offsets, types.UniTuple)
@@ -293,7 +299,7 @@ def _columns_args_ok(array, offsets) -> bool:
     )
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_columns(typingctx, array, offsets, j):  # pragma: no cover - compiled
     """Columns ``j .. j+7`` of eight rows of a flat row-major array (row l starts at ``offsets[l]``), as a tuple
     of eight lanes values: entry c holds ``array[offsets[l] + j + c]`` in lane l, widened to float64."""
@@ -314,7 +320,7 @@ def lanes_columns(typingctx, array, offsets, j):  # pragma: no cover - compiled
     return result(array, offsets, j), codegen
 
 
-@intrinsic
+@compiled_intrinsic
 def lanes_store_columns(typingctx, array, offsets, j, columns):  # pragma: no cover - compiled
     """The inverse of :func:`lanes_columns`: ``array[offsets[l] + j + c] = columns[c][l]`` (rounded to the
     array's dtype)."""

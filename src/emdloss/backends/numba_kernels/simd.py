@@ -13,8 +13,11 @@ The eight-row lanes of the tree sweeps are in :mod:`.lanes`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -26,7 +29,14 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _EXP_MIN = np.float32(-87.33654)  # exp of anything below underflows float32
 
 
-@intrinsic
+def compiled_intrinsic(typing: Callable[..., Any]) -> Callable[..., Any]:
+    """numba's ``@intrinsic``, typed as compiled code calls it: without the typing context. (numba's own stub
+    gives the call the typing function's signature, typing context included, and the result ``Never``: a type
+    checker saw every call one argument short, and the code after it unreachable.)"""
+    return cast("Callable[..., Any]", intrinsic(typing))
+
+
+@compiled_intrinsic
 def _float_from_bits(typingctx, bits, like):  # pragma: no cover - compiled
     """The float of ``like``'s type (float32 or float64) whose bits are the low bits of the integer ``bits``:
     a reinterpretation, no conversion. (numba widens int32 arithmetic to int64, hence the truncation.)"""
@@ -65,7 +75,7 @@ def exp_f64(x):  # pragma: no cover - compiled
     return math.exp(x)
 
 
-def row_max(row):  # pragma: no cover - replaced by the overload below inside compiled code
+def row_max(row: npt.NDArray[np.floating[Any]]) -> float:  # pragma: no cover - the overload below in compiled code
     """``max`` of a contiguous float32 or float64 row, vectorised through the integers: LLVM does not
     vectorise a float maximum without ``nnan`` on the comparison, which numba does not set. Flipping the
     non-sign bits of negative floats makes their integer order the float order, and an integer maximum
@@ -93,7 +103,7 @@ def _row_max_overload(row):
     return lambda row: _max_through_ints(row, row.view(np.int64), np.int64(-(2**63)), np.int64(63), np.int64(2**63 - 1))
 
 
-def row_exp(x):  # pragma: no cover - replaced by the overload below inside compiled code
+def row_exp(x: float) -> float:  # pragma: no cover - replaced by the overload below inside compiled code
     """``exp`` of a softmax argument in the row's own precision: :func:`exp_f32` or :func:`exp_f64`."""
     raise NotImplementedError("row_exp is only callable from numba-compiled code")
 

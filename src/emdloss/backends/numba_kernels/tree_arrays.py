@@ -28,7 +28,7 @@ def padded_width(n_cls: int) -> int:
 
 
 def _pad(values: np.ndarray, dtype: type) -> np.ndarray:
-    out = np.zeros(padded_width(values.shape[0]), dtype=dtype)
+    out: np.ndarray = np.zeros(padded_width(values.shape[0]), dtype=dtype)
     out[: values.shape[0]] = values
     return out
 
