@@ -1,10 +1,10 @@
-"""The experiments end to end in their ``--smoke`` configuration, plus the pieces checked against
-independent references (baselines vs their definitions, generated data vs its model)."""
+"""The experiments end to end in their ``--smoke`` configuration (with the provenance every results.json
+records), plus the pieces checked against independent references (generated data vs its model, the
+convergence curves' start vs the exact LP)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 from emdloss import Tree
 from emdloss_lab.cli import main
 from emdloss_lab.data import DataUnavailable, shared_data_dir
-from emdloss_lab.experiments import baselines, convergence, hierarchy, ordinal
+from emdloss_lab.experiments import convergence, hierarchy, ordinal
 
 
 def _needs_shared_data() -> None:
@@ -27,69 +27,7 @@ def _needs_shared_data() -> None:
         pytest.skip(f"shared data folder not available: {exc}")
 
 
-def small_tree() -> Tree:
-    #        0
-    #      /   \
-    #     1     2
-    #    / \   / \
-    #   3   4 5   6      classes 3..6 at the leaves; 4 -> 7 adds a deeper class
-    return Tree.from_parents([-1, 0, 0, 1, 1, 2, 2, 4], classes=[3, 5, 6, 7])
-
-
-# ---------------------------------------------------------------------- baselines
-
-
-def test_hxe_alpha_zero_is_cross_entropy() -> None:
-    tree = small_tree()
-    z = torch.randn(7, 4, dtype=torch.float32)
-    y = torch.randint(4, (7,))
-    got = baselines.HXELoss(tree, alpha=0.0)(z, y)
-    assert torch.allclose(got, torch.nn.functional.cross_entropy(z, y), atol=1e-5)
-
-
-def test_hxe_matches_path_definition() -> None:
-    tree = small_tree()
-    alpha = 0.7
-    z = torch.randn(5, 4, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 3, 3])
-    p = torch.softmax(z, 1).numpy()
-    anc = baselines.ancestor_matrix(tree)
-    parents = np.asarray(tree.parents)
-    depth = {0: 0}
-    for v in range(1, tree.num_nodes):
-        depth[v] = depth[int(parents[v])] + 1
-    expected = []
-    for i, c in enumerate(y.tolist()):
-        v, total = int(tree.classes[c]), 0.0
-        while parents[v] >= 0:  # walk the path up: -lambda(v) log P(v | parent v)
-            pv, pp = anc[v] @ p[i], anc[int(parents[v])] @ p[i]
-            total -= math.exp(-alpha * depth[v]) * math.log(pv / pp)
-            v = int(parents[v])
-        expected.append(total)
-    got = baselines.HXELoss(tree, alpha=alpha)(z, y)
-    assert got.item() == pytest.approx(np.mean(expected), rel=1e-5)
-
-
-def test_soft_labels_definition_and_limits() -> None:
-    tree = small_tree()
-    d = tree.distance_matrix()
-    loss = baselines.SoftLabelLoss(tree, beta=2.0)
-    q = np.exp(-2.0 * d) / np.exp(-2.0 * d).sum(1, keepdims=True)
-    assert np.allclose(loss.soft.numpy(), q, atol=1e-6)
-    z = torch.randn(6, 4)
-    y = torch.randint(4, (6,))
-    hard = baselines.SoftLabelLoss(tree, beta=200.0)(z, y)
-    assert torch.allclose(hard, torch.nn.functional.cross_entropy(z, y), atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "cls,kw", [(baselines.HXELoss, {"alpha": -1.0}), (baselines.SoftLabelLoss, {"beta": float("nan")})]
-)
-def test_baselines_reject_bad_arguments(cls, kw) -> None:
-    with pytest.raises(ValueError, match=r"alpha|beta"):
-        cls(small_tree(), **kw)
-    with pytest.raises(TypeError, match="tree"):
-        cls("not a tree")
+# The baselines against their definitions: tests/test_baselines.py; the protocol: tests/test_protocol.py.
 
 
 # ---------------------------------------------------------------------- generated hierarchy data
@@ -115,21 +53,31 @@ def _run_smoke(name: str, tmp_path, *extra: str, capsys=None) -> dict:
     assert main(["experiment", name, "--out", str(out), "--smoke", "--seeds", "2", "--no-progress", *extra]) == 0
     if capsys is not None:  # the command says where it wrote, naming every file
         last = capsys.readouterr().out.rstrip().splitlines()[-1]
-        assert last.startswith("wrote report.md, results.json and ") and f" to {out}{os.sep} in " in last
+        assert last.startswith("wrote report.md, results.json") and f" to {out}{os.sep} in " in last
         assert all(
             (out / name).exists() for name in last.split(" to ")[0][len("wrote ") :].replace(" and ", ", ").split(", ")
         )
     report = (out / "report.md").read_text()
     assert report.startswith("#") and "Command:" in report and "±" in report
     assert any(p.suffix == ".png" and p.read_bytes()[:4] == b"\x89PNG" for p in out.iterdir())
-    return json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text())  # traceability: what produced these numbers
+    assert prov["config"] == data["config"] and prov["versions"]["torch"] == torch.__version__
+    assert set(prov["git"]) == {"commit", "dirty"} and prov["command"] and prov["utc"]
+    assert '"commit"' in report and "Code:" in report
+    return data
 
 
 def test_ordinal_smoke(tmp_path, capsys) -> None:
     _needs_shared_data()
     data = _run_smoke("ordinal", tmp_path, capsys=capsys)
-    runs = data["results"]["lev"]["emd"]
-    assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["mae"] >= 0 for r in runs)
+    assert set(data["results"]["lev"]) == set(data["config"]["losses"]) >= {"ce", "emd", "relaxed", "ce+relaxed"}
+    for runs in data["results"]["lev"].values():
+        assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["mae"] >= 0 for r in runs)
+        assert all(r["chosen"]["epochs"] <= data["config"]["protocol"]["max_epochs"] for r in runs)
+    assert not ordinal.is_full(data["config"])
+    report = (tmp_path / "ordinal" / "report.md").read_text()
+    assert "| relaxed - ce |" in report  # paired differences to cross-entropy
 
 
 def test_ordinal_loaders_levels() -> None:
@@ -144,13 +92,32 @@ def test_ordinal_loaders_levels() -> None:
 def test_convergence_smoke(tmp_path, capsys) -> None:
     _needs_shared_data()
     data = _run_smoke("convergence", tmp_path, capsys=capsys)
-    curves = data["curves"]
-    assert "sinkhorn" in curves["tree"]["logits"] and "sinkhorn" not in curves["chain"]["logits"]
-    for t in curves:
-        for p in curves[t]:
-            for loss, cs in curves[t][p].items():
-                assert len(cs) == 2 and len(cs[0]) == data["config"]["steps"] + 1
-                assert cs[0][-1] < cs[0][0], f"{t}/{p}/{loss} did not reduce the EMD"
+    cfg = data["config"]
+    combos = {
+        f"{t}/{p}/{o}/{loss}"
+        for t in cfg["tasks"]
+        for p in cfg["params"]
+        for o in cfg["optimizers"]
+        for loss in convergence.LOSSES
+    }
+    assert set(data["curves"]) == combos == set(data["results"]) == set(data["chosen_lr"])
+    assert cfg["optimizers"] == ["gd", "momentum", "adam"] and cfg["losses"] == ["rho1", "rho1.25", "rho1.5", "rho2"]
+    for key, cs in data["curves"].items():
+        o = key.split("/")[2]
+        assert data["chosen_lr"][key] in cfg["lr_grids"][o]  # tuned per loss on held-out targets
+        assert len(cs) == 2 and len(cs[0]) == cfg["steps"] + 1
+        if o == "adam":  # (a rate tuned on other targets over 8 steps may not transfer under plain GD)
+            assert cs[0][-1] < cs[0][0], f"{key} did not reduce the EMD"
+    assert set(data["results"]["tree/logits/gd/rho2"]["steps_to"]) == {"0.5", "0.1", "0.05", "0.01"}
+
+
+def test_convergence_tuning_targets_are_held_out() -> None:
+    _needs_shared_data()
+    _, tune = convergence.make_task("chain", 4, 0, tune=True)
+    _, evaluated = convergence.make_task("chain", 50, 0)
+    assert not any(torch.equal(a, b) for a in tune for b in evaluated)
+    assert convergence.log_auc([1.0, 0.1, 0.01]) == pytest.approx(-1.5)
+    assert convergence.log_auc([1.0, 0.5, float("nan")]) == float("inf")
 
 
 def test_convergence_curve_starts_at_exact_emd() -> None:
@@ -176,8 +143,12 @@ def test_hierarchy_smoke(tmp_path, capsys) -> None:
     assert groups == {"imagenet/2", "digits/5"}
     for g in groups:
         assert set(data["results"][g]) == set(hierarchy.LOSSES)
-        for runs in data["results"][g].values():
+        for loss, runs in data["results"][g].items():
             assert len(runs) == 2 and all(0 <= r["top1"] <= r["top5"] <= 1 for r in runs)
+            assert all(r["distinct_pred"] >= 1 and r["pred_depth"] > 0 for r in runs)
+            hps = [r["chosen"]["hp"] for r in runs]
+            assert all(h is None for h in hps) if loss in ("ce", "emd", "relaxed") else all(h is not None for h in hps)
+    assert not hierarchy.is_full(data["config"]) and hierarchy.is_full(hierarchy.configuration(False, 5))
 
 
 def test_experiment_refuses_existing_checkpoint_without_resume(tmp_path, capsys) -> None:

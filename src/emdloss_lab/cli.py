@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("emdloss_lab.experiments.demo", "train CE, EMD and relaxed EMD on a real chain and a real tree task"),
     "bench": ("emdloss_lab.bench.speed", "time the losses against cross-entropy and OT solvers"),
     "train-imagenet": ("emdloss_lab.experiments.imagenet", "train on ImageNet (small-data regime) with any loss"),
+    "report": ("emdloss_lab.experiments.runner", "record experiment results; generate docs/results.md's tables"),
 }
 
 #: experiment name -> (module, one-line help)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from emdloss._atomic import atomic_path, write_text
+from emdloss._optional import require
 
 from ..errors import UsageError
 
@@ -86,12 +87,8 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files, never to a screen)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "cli", "the experiments' figures").use("Agg")
+    return require("matplotlib.pyplot", "cli", "the experiments' figures")
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
@@ -102,9 +99,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     )
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -151,6 +146,53 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the code runs at and whether the working tree differs from it (None when not in a git
+    checkout or git is missing): ``{"commit": "78e6f52...", "dirty": False}``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(dirty)}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of emdloss and of the packages a result depends on (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("emdloss", "torch", "numpy", "numba", "scipy", "scikit-learn", "POT", "coral-pytorch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """What a result needs to be traced: commit, versions, machine, command, configuration and the time."""
+    return {
+        "git": git_state(),
+        "versions": versions(),
+        "machine": machine_info(),
+        "command": command_line(),
+        "config": to_jsonable(config),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -275,6 +317,29 @@ class Checkpoint:
 # ---------------------------------------------------------------------- reports
 
 
+def paired_bootstrap(
+    a: Iterable[float], b: Iterable[float], n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean paired difference ``mean(a_i - b_i)`` and its percentile-bootstrap interval.
+
+    The pairs (seed i of method A and seed i of method B share data and split) are resampled with replacement,
+    ``n_resamples`` times; the interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles
+    of the resampled means (as ``scipy.stats.bootstrap(..., method="percentile")``). Pairs with a NaN are dropped;
+    no pair gives NaNs. With few pairs (5 seeds) the percentile interval is narrower than a t interval: read it
+    as a description of the seeds' spread, not as a test.
+    """
+    x = np.asarray(list(a), dtype=np.float64) - np.asarray(list(b), dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     arr = np.asarray(list(values), dtype=np.float64)
     if arr.size == 0:
@@ -307,8 +372,11 @@ def wrote(out: str | os.PathLike[str], names: Iterable[str], seconds: float | No
 
 
 def publish(out: Path, results: dict[str, Any], sections: list[str]) -> None:
-    """Write ``results.json`` and ``report.md`` (``sections`` joined; the first is :func:`report_header`'s)
-    to ``out``, atomically, and print the report without its header."""
+    """Write ``results.json``, ``provenance.json`` (:func:`provenance`) and ``report.md`` (``sections`` joined; the
+    first is :func:`report_header`'s) to ``out``, atomically, and print the report without its header."""
+    # What produced the results goes beside them, not into them: results.json stays a pure function of the
+    # configuration (a resumed run's equals an uninterrupted one's), provenance.json says where and when.
+    write_json(out / "provenance.json", provenance(results.get("config", {})))
     write_json(out / "results.json", results)
     write_text(out / "report.md", "\n".join(sections))
     print("\n".join(sections[1:]))
@@ -321,4 +389,158 @@ def report_header(title: str, config: dict[str, Any]) -> str:
         f"Command: `{command_line()}`\n\n"
         f"Configuration:\n\n```json\n{json.dumps(to_jsonable(config), indent=2)}\n```\n\n"
         f"Machine: `{json.dumps(machine_info())}`\n\n"
+        f"Code: `{json.dumps({**git_state(), 'versions': versions()})}`\n\n"
     )
+
+
+# ---------------------------------------------------------------------- recorded results and `emdloss report`
+
+#: the experiments whose results docs/results.md reports, with the command of their full run and its cost
+RECORDED: dict[str, dict[str, str]] = {
+    "convergence": {
+        "command": "emdloss experiment convergence --out OUT",
+        "cost": "42 min wall here on 2 shared, loaded cores (768 optimisation runs of 300 steps)",
+    },
+    "ordinal": {
+        "command": "emdloss experiment ordinal --out OUT",
+        "cost": "estimated 1-3 h of CPU from --quick (13 s CPU; full: 150 units of 6 trials, early stopping)",
+    },
+    "hierarchy": {
+        "command": "emdloss experiment hierarchy --out OUT",
+        "cost": "estimated 8-20 h of CPU from --quick (29 s CPU; full: 240 units of 6 trials up to 60 epochs)",
+    },
+}
+BEGIN_MARK = "<!-- BEGIN generated by `emdloss report` from docs/results/*.json: edit those, not this block -->"
+END_MARK = "<!-- END generated by `emdloss report` -->"
+DESCRIPTION = (
+    "Record an experiment's per-seed results under docs/results/ (--add OUT) and generate the tables of "
+    "docs/results.md from the records (--write docs/results.md replaces the generated block). Experiments "
+    "without a recorded full run are listed as pending, with the command that would produce one."
+)
+
+
+def _experiment_module(name: str) -> Any:
+    import importlib
+
+    if name not in RECORDED:
+        raise UsageError(f"no report for experiment {name!r}: one of {', '.join(RECORDED)}")
+    return importlib.import_module(f"emdloss_lab.experiments.{name}")
+
+
+def record_run(out: str | os.PathLike[str], results_dir: str | os.PathLike[str]) -> Path:
+    """Copy the per-seed results of the run in ``out`` (its results.json and provenance.json) to ``results_dir/NAME.json`` (a full
+    run) or ``results_dir/NAME-partial.json`` (a --quick/--smoke or few-seed run), with its provenance.
+
+    The record holds no curves or checkpoints, only what the generated tables need, so it stays small.
+    """
+    path = Path(out) / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        config = data["config"]
+        name = config["experiment"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--add {out}: no readable results.json of an experiment there ({exc})") from None
+    full = bool(_experiment_module(name).is_full(config))
+    try:
+        prov = json.loads((Path(out) / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        prov = {"note": "no provenance.json beside results.json"}
+    record = {
+        "experiment": name,
+        "full": full,
+        "provenance": prov,
+        "config": config,
+        "results": data["results"],
+    }
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}{'' if full else '-partial'}.json"
+    write_text(target, json.dumps(to_jsonable(record), separators=(",", ":"), allow_nan=True) + "\n")
+    return target
+
+
+def verdict(diff: tuple[float, float, float], better: str) -> str:
+    """``supported`` when the whole interval of ``diff`` (mean, lo, hi) is on the ``better`` side of 0
+    (``"lower"`` or ``"higher"``), ``refuted`` when it is all on the other side, else ``inconclusive``."""
+    _, lo, hi = diff
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "inconclusive"
+    good, bad = (hi < 0, lo > 0) if better == "lower" else (lo > 0, hi < 0)
+    return "supported" if good else "refuted" if bad else "inconclusive"
+
+
+def generate_report(results_dir: str | os.PathLike[str]) -> str:
+    """The generated block of docs/results.md: per experiment, its recorded full run (provenance, verdicts where
+    the experiment defines them, tables) or a pending note."""
+    folder = Path(results_dir)
+    parts = [
+        BEGIN_MARK,
+        "",
+        "### Results under the protocol of issue 16 (generated)",
+        "",
+        "Generated by `emdloss report --write docs/results.md` from the per-seed records in docs/results/ "
+        "(`emdloss report --add OUT` records a run). Only full runs (the experiment's default configuration, "
+        ">= 5 seeds) are reported here and only they carry verdicts.",
+        "",
+    ]
+    for name, info in RECORDED.items():
+        full = folder / f"{name}.json"
+        parts.append(f"#### {name}\n")
+        if not full.exists():
+            partial = " (a partial run is recorded: not evidence)" if (folder / f"{name}-partial.json").exists() else ""
+            parts.append(
+                f"**Pending: no full run under the new protocol is recorded{partial}.** No verdict is drawn. To "
+                f"produce one: `{info['command']}` ({info['cost']}), then `emdloss report --add OUT --write "
+                "docs/results.md`.\n"
+            )
+            continue
+        record = json.loads(full.read_text(encoding="utf-8"))
+        prov = record.get("provenance", {})
+        git = prov.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:12] + (" (working tree modified)" if git.get("dirty") else "")
+        parts.append(
+            f"Run at commit `{commit}`, {prov.get('utc', 'time unknown')}: `{prov.get('command', '?')}`; "
+            f"{record['config']['seeds']} seeds; versions `{json.dumps(prov.get('versions', {}))}`.\n"
+        )
+        module = _experiment_module(name)
+        text = (module.verdicts(record) + "\n" if hasattr(module, "verdicts") else "") + module.render(record)
+        # the experiment's "## section" headings sit under this block's "#### experiment" heading
+        parts.append("\n".join("###" + line if line.startswith("## ") else line for line in text.split("\n")))
+    parts += [END_MARK, ""]
+    return "\n".join(parts)
+
+
+def write_generated_block(markdown_path: str | os.PathLike[str], block: str) -> None:
+    """Replace the text between :data:`BEGIN_MARK` and :data:`END_MARK` in ``markdown_path`` by ``block`` (which
+    carries both marks); without the marks, append the block."""
+    path = Path(markdown_path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN_MARK in text and END_MARK in text:
+        head, rest = text.split(BEGIN_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1]
+        text = head + block.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    write_text(path, text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``emdloss report``'s options."""
+    parser.add_argument(
+        "--add", action="append", default=[], metavar="OUT", help="record the run in OUT (repeatable) first"
+    )
+    parser.add_argument("--results", default="docs/results", help="folder of the per-seed records")
+    parser.add_argument("--write", metavar="FILE", help="replace the generated block of FILE (else print it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``emdloss report``."""
+    for out in args.add:
+        print(f"recorded {record_run(out, args.results)}")
+    block = generate_report(args.results)
+    if args.write:
+        write_generated_block(args.write, block)
+        print(f"wrote the generated block of {args.write}")
+    else:
+        print(block)
+    return 0
