@@ -125,8 +125,12 @@ def normalise(
     out_shape = (input.shape[0], *input.shape[2:])
     x = _rows(input) if spatial else input
     values = should_validate(validate, input)
-    common = {"x": x, "from_logits": bool(from_logits), "ignore_index": int(ignore_index), "reduction": reduction,
-              "out_shape": out_shape, "values_checked": values}  # fmt: skip
+
+    def make_batch(labels: Tensor | None, soft: Tensor | None, keep: Tensor | None, num_kept: int | Tensor) -> Batch:
+        # The fields both target kinds share, passed by name so that each keeps its type.
+        return Batch(x=x, from_logits=bool(from_logits), labels=labels, soft=soft, ignore_index=int(ignore_index),
+                     keep=keep, num_kept=num_kept, reduction=reduction, out_shape=out_shape,
+                     values_checked=values)  # fmt: skip
 
     if target.dtype.is_floating_point:
         if target.shape != input.shape:
@@ -137,7 +141,7 @@ def normalise(
         soft = _rows(target) if spatial else target
         if values:
             check_distribution(soft, "target")
-        batch = Batch(labels=None, soft=soft, keep=None, num_kept=x.shape[0], **common)
+        batch = make_batch(labels=None, soft=soft, keep=None, num_kept=x.shape[0])
     elif target.dtype in INDEX_DTYPES:
         if target.shape != out_shape:
             raise ValueError(
@@ -145,7 +149,7 @@ def normalise(
                 f"got {tuple(target.shape)}"
             )
         labels, keep, num_kept = _class_indices(target.reshape(-1), num_classes, int(ignore_index), values)
-        batch = Batch(labels=labels, soft=None, keep=keep, num_kept=num_kept, **common)
+        batch = make_batch(labels=labels, soft=None, keep=keep, num_kept=num_kept)
     else:
         raise TypeError(
             f"target must be integer class indices (int64) or a floating distribution, got dtype {target.dtype}"

@@ -92,7 +92,10 @@ def _assume_constant(fn: _F) -> _F:
     installed), which ``import emdloss`` must not; when dynamo is not loaded yet, set the one attribute the
     decorator sets instead (tests/test_tracing.py checks that compiled graphs still take them as constants)."""
     if "torch._dynamo" in sys.modules:
-        return cast(_F, torch.compiler.assume_constant_result(fn))
+        # torch leaves the decorator unannotated (``def assume_constant_result(fn)``); it returns ``fn`` itself,
+        # marked, so it is typed here as what it does.
+        assume: Callable[[_F], _F] = torch.compiler.assume_constant_result
+        return assume(fn)
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,12 +111,30 @@ class TritonTreeTensors:
 # ---------------------------------------------------------------------- the operator
 
 
-def _kernels() -> ModuleType:
+def _launch(
+    x: Tensor,
+    labels: Tensor | None,
+    soft: Tensor | None,
+    node_class: Tensor,
+    node_end: Tensor,
+    node_w: Tensor,
+    class_pos: Tensor,
+    end_order: Tensor,
+    ended: Tensor,
+    rho: float,
+    from_logits: bool,
+    ignore_index: int,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`.triton_kernels.launch`, importing the kernel module (and triton with it) on the first call."""
     from . import triton_kernels
 
     if triton_kernels.BROKEN:
         raise RuntimeError(f"emdloss: the Triton kernel cannot run: {triton_kernels.BROKEN}")
-    return triton_kernels
+    return triton_kernels.launch(
+        x, labels, soft, node_class, node_end, node_w, class_pos, end_order, ended,
+        rho, from_logits, ignore_index, need_grad,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("emdloss::triton_tree_rows", mutates_args=())
@@ -137,21 +156,22 @@ def triton_tree_rows(
     """Rows ``x`` (M, C) and class indices ``labels`` (M,) or distributions ``soft`` (M, C) -> per-row losses
     (M,) and, if ``need_grad``, their gradients ``dL_m/dx_m`` (M, C) (else an empty (0, C) tensor); both
     float32, or float64 for float64 ``x``. The tree arrays are :func:`tree_arrays` on ``x``'s device."""
-    return _kernels().launch(
+    return _launch(
         x, labels, soft, node_class, node_end, node_w, class_pos, end_order, ended,
         rho, from_logits, ignore_index, need_grad,
     )  # fmt: skip
 
 
 @triton_tree_rows.register_fake
-def _(x, labels, soft, node_class, node_end, node_w, class_pos, end_order, ended, rho, from_logits, ignore_index,
-      need_grad):  # fmt: skip
+def _(x: Tensor, labels: Tensor | None, soft: Tensor | None, node_class: Tensor, node_end: Tensor, node_w: Tensor,
+      class_pos: Tensor, end_order: Tensor, ended: Tensor, rho: float, from_logits: bool, ignore_index: int,
+      need_grad: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     out = torch.float64 if x.dtype == torch.float64 else torch.float32
     m, c = x.shape
     return x.new_empty((m,), dtype=out), x.new_empty((m if need_grad else 0, c), dtype=out)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
     ctx.x_dtype = inputs[0].dtype
@@ -168,7 +188,7 @@ def _input_gradient(grad: Tensor, grad_loss: Tensor, x_dtype: torch.dtype) -> Te
     return (grad * grad_loss.to(grad.dtype)[:, None]).to(x_dtype)
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_grad: Tensor | None):
+def _backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Tensor | None, ...]:
     (grad,) = ctx.saved_tensors
     return (_input_gradient(grad, grad_loss, ctx.x_dtype),) + (None,) * 12
 
@@ -183,10 +203,10 @@ class _TritonRowsFunction(torch.autograd.Function):
     graph tracing take the operator, whose fake implementation they need."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, labels: Tensor | None, soft: Tensor | None, tt: TritonTreeTensors, rho: float,  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, labels: Tensor | None, soft: Tensor | None, tt: TritonTreeTensors, rho: float,
                 from_logits: bool, ignore_index: int) -> Tensor:  # fmt: skip
         need_grad = bool(ctx.needs_input_grad[0])
-        loss, grad = _kernels().launch(
+        loss, grad = _launch(
             x, labels, soft, tt.node_class, tt.node_end, tt.node_w, tt.class_pos, tt.end_order, tt.ended,
             rho, from_logits, ignore_index, need_grad,
         )  # fmt: skip
@@ -196,7 +216,7 @@ class _TritonRowsFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
         return _input_gradient(grad, grad_loss, ctx.x_dtype), None, None, None, None, None, None
 
@@ -264,10 +284,11 @@ class TritonBackend(Backend):
         tt = TritonTreeTensors.cached(tree, x.device)
         soft = batch.soft.detach() if batch.soft is not None else None
         if not graph_tracing():
-            rows = _TritonRowsFunction.apply(x, batch.labels, soft, tt, float(rho), bool(batch.from_logits),
-                                             int(batch.ignore_index))  # fmt: skip
+            apply: Callable[..., Tensor] = _TritonRowsFunction.apply  # torch leaves Function.apply untyped
+            rows = apply(x, batch.labels, soft, tt, float(rho), bool(batch.from_logits), int(batch.ignore_index))
             return rows.to(x.dtype)
         need_grad = torch.is_grad_enabled() and x.requires_grad
+        loss: Tensor  # the custom operator's __call__ is untyped (CustomOpDef)
         loss, _ = triton_tree_rows(
             x, batch.labels, soft,
             tt.node_class, tt.node_end, tt.node_w, tt.class_pos, tt.end_order, tt.ended,

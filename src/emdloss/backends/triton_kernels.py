@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 from triton import knobs
 
 
@@ -251,10 +253,10 @@ def tree_rows_kernel(
 
 def block_size(num_nodes: int, num_classes: int) -> int:
     """The chunk size: the next power of two above the row's length, at most :data:`MAX_BLOCK`, at least 16."""
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(num_nodes + 1, num_classes))))
+    return max(16, min(MAX_BLOCK, int(triton.next_power_of_2(max(num_nodes + 1, num_classes)))))
 
 
-def num_programs(rows: int, num_nodes: int, device) -> int:
+def num_programs(rows: int, num_nodes: int, device: torch.device) -> int:
     """Persistent programs: up to 8 per SM (CUDA), within :data:`SCRATCH_BUDGET` of scratch but at least one
     per SM; one per row when there are fewer rows. Under the interpreter programs run one after another, so 1."""
     if rows == 0:
@@ -268,30 +270,28 @@ def num_programs(rows: int, num_nodes: int, device) -> int:
 
 @functools.cache
 def _sm_count(index: int) -> int:
-    import torch
-
     return torch.cuda.get_device_properties(index if index >= 0 else torch.cuda.current_device()).multi_processor_count
 
 
 def launch(
-    x,
-    labels,
-    soft,
-    node_class,
-    node_end,
-    node_w,
-    class_pos,
-    end_order,
-    ended,
+    x: Tensor,
+    labels: Tensor | None,
+    soft: Tensor | None,
+    node_class: Tensor,
+    node_end: Tensor,
+    node_w: Tensor,
+    class_pos: Tensor,
+    end_order: Tensor,
+    ended: Tensor,
     rho: float,
     from_logits: bool,
     ignore_index: int,
     need_grad: bool,
-):
+) -> tuple[Tensor, Tensor]:
     """Run the kernel: (M,) losses and, if ``need_grad``, the (M, C) gradient of each row's loss (else an empty
-    (0, C) tensor), both float32 (float64 for float64 ``x``)."""
-    import torch
-
+    (0, C) tensor), both float32 (float64 for float64 ``x``). ``x`` (M, C) rows; ``labels`` (M,) class indices
+    or ``soft`` (M, C) distributions (the other None); the tree arrays are :func:`.triton_gpu.tree_arrays`
+    on ``x``'s device."""
     m, c = x.shape
     n = node_class.shape[0]
     # classes are gathered along a row: keep that stride 1 (it also keeps every offset within int32)
@@ -310,7 +310,7 @@ def launch(
     tree_rows_kernel[(programs,)](
         x,
         labels if labels is not None else x,  # an unused pointer argument still needs a tensor
-        soft if is_soft else x,
+        soft if soft is not None else x,
         loss,
         grad if need_grad else loss,
         scratch,
@@ -326,8 +326,8 @@ def launch(
         end_order.shape[0],
         x.stride(0),
         x.stride(1),
-        soft.stride(0) if is_soft else 0,
-        soft.stride(1) if is_soft else 0,
+        soft.stride(0) if soft is not None else 0,
+        soft.stride(1) if soft is not None else 0,
         float(rho),
         int(ignore_index),
         FROM_LOGITS=bool(from_logits),
