@@ -1,11 +1,10 @@
-"""First use of the fused kernels: the compile notice, and the thread split of big batches (same numbers as one
-thread, exceptions raised after every chunk ended, a forked child that starts its own pool)."""
+"""First use of the fused kernels: the compile notice, and the choice between the calling thread and numba's
+parallel loop (same numbers either way, a forked child that runs its own parallel loops)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import threading
 import time
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from emdloss import EMDLoss, Tree
-from emdloss.backends.numba_kernels import compile_notice, pool
+from emdloss.backends.numba_kernels import compile_notice, threads
 
 
 def test_a_slow_first_call_logs_one_notice_naming_the_cache(monkeypatch, caplog):
@@ -37,38 +36,31 @@ def test_a_fast_first_call_logs_nothing(monkeypatch, caplog):
     assert not [r for r in caplog.records if r.name == "emdloss"]
 
 
-def _chunks_seen(first: int, end: int, seen: list, lock: threading.Lock) -> None:
-    with lock:
-        seen.append((first, end))
+def test_small_batches_stay_on_the_calling_thread_and_big_ones_go_parallel(monkeypatch):
+    calls: list = []
 
+    def kernel(first: int, end: int, tag: str) -> None:
+        calls.append(("serial", first, end, tag))
 
-def test_run_rows_covers_every_unit_once_in_one_chunk_per_thread(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    seen: list = []
-    pool.run_rows(_chunks_seen, 10, pool.PARALLEL_MIN_WORK, seen, threading.Lock())
-    assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
-    seen.clear()
-    pool.run_rows(_chunks_seen, 10, pool.PARALLEL_MIN_WORK - 1, seen, threading.Lock())  # small: one call
-    assert seen == [(0, 10)]
+    def parallel(n_units: int, n_threads: int, tag: str) -> None:
+        calls.append(("parallel", n_units, n_threads, tag))
 
-
-def test_a_failing_chunk_is_raised_after_all_chunks_end(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    done = []
+    threads.run_rows(kernel, parallel, 10, threads.PARALLEL_MIN_WORK - 1, "small")
+    threads.run_rows(kernel, parallel, 10, threads.PARALLEL_MIN_WORK, "big")
+    threads.run_rows(kernel, parallel, 1, threads.PARALLEL_MIN_WORK, "one unit")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    threads.run_rows(kernel, parallel, 10, threads.PARALLEL_MIN_WORK, "one thread")
+    assert calls == [
+        ("serial", 0, 10, "small"),
+        ("parallel", 10, 2, "big"),
+        ("serial", 0, 1, "one unit"),
+        ("serial", 0, 10, "one thread"),
+    ]
 
-    def kernel(first: int, end: int) -> None:
-        if first:
-            time.sleep(0.2)
-            done.append(first)
-            raise RuntimeError("chunk failed")
 
-    with pytest.raises(RuntimeError, match="chunk failed"):
-        pool.run_rows(kernel, 4, pool.PARALLEL_MIN_WORK)
-    assert done == [2]
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_split_batches_give_the_numbers_of_one_thread(threads):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_split_batches_give_the_numbers_of_one_thread(n_threads):
     tree = Tree.chain(300)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 300, generator=gen, requires_grad=True)  # 256 x 300 > PARALLEL_MIN_WORK: split
@@ -77,7 +69,7 @@ def test_split_batches_give_the_numbers_of_one_thread(threads):
     try:
         torch.set_num_threads(1)
         one = EMDLoss(tree, rho=2.0, reduction="none")(x, y)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(n_threads)
         many = EMDLoss(tree, rho=2.0, reduction="none")(x, y)
     finally:
         torch.set_num_threads(before)
@@ -90,7 +82,7 @@ def _child_loss(queue) -> None:
     queue.put(float(EMDLoss(Tree.chain(300), rho=2.0)(x, y)))
 
 
-def test_a_forked_child_splits_its_batches_on_its_own_threads():
+def test_a_forked_child_runs_parallel_loops_after_its_parent_did():
     if "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork start method here")
     before = torch.get_num_threads()
@@ -98,7 +90,7 @@ def test_a_forked_child_splits_its_batches_on_its_own_threads():
     try:
         x = torch.randn(256, 300, generator=torch.Generator().manual_seed(0))
         y = torch.randint(0, 300, (256,), generator=torch.Generator().manual_seed(1))
-        parent = float(EMDLoss(Tree.chain(300), rho=2.0)(x, y))  # the parent's pool now has a worker thread
+        parent = float(EMDLoss(Tree.chain(300), rho=2.0)(x, y))  # the parent ran a parallel region
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
         child = ctx.Process(target=_child_loss, args=(queue,))

@@ -12,14 +12,14 @@ internal, else its parent) and internal nodes numbered in DFS pre-order (:mod:`.
     dL/dp_j = g_j = G[slot[j]] + h(d_j, leafw_j),     h(f, w) = rho w sign(f) |f|^(rho-1)
     dL/dx_j = p_j (g_j - <p, g>)              through the softmax
 
-Sums run in float64 scalars. Each kernel does the rows ``[first, end)`` on the calling thread; :mod:`.pool`
+Sums run in float64 scalars. Each kernel does the rows ``[first, end)`` on the calling thread; :mod:`.threads`
 splits a batch across threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .row_ops import BAD_LABEL, IGNORED, _cost, _dcost, _finish_gradient, _label, _probabilities, _skip_row
 from .simd import FASTMATH
@@ -109,6 +109,49 @@ def _rows_kernel(
             _finish_gradient(p, 0, g, from_logits, scale, grad, i)
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _rows_parallel(
+    n,
+    threads,
+    x,
+    q,
+    y,
+    ignore_index,
+    from_logits,
+    need_grad,
+    scale,
+    loss,
+    grad,
+    chain,
+    slot,
+    leaf_w,
+    parent,
+    weight,
+    rho,
+):  # pragma: no cover
+    """:func:`_rows_kernel` over rows ``[0, n)``, one chunk per thread (see :mod:`.threads`)."""
+    for t in prange(threads):
+        _rows_kernel(
+            t * n // threads,
+            (t + 1) * n // threads,
+            x,
+            q,
+            y,
+            ignore_index,
+            from_logits,
+            need_grad,
+            scale,
+            loss,
+            grad,
+            chain,
+            slot,
+            leaf_w,
+            parent,
+            weight,
+            rho,
+        )
+
+
 # ---------------------------------------------------------------------- hard targets, rho = 1
 
 
@@ -143,3 +186,25 @@ def _distance_kernel(
                 shift = depth[label]
                 for j in range(n_cls):
                     grad[i, j] = (row[j] - shift) * scale
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _distance_parallel(
+    n, threads, x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad
+):  # pragma: no cover
+    """:func:`_distance_kernel` over rows ``[0, n)``, one chunk per thread (see :mod:`.threads`)."""
+    for t in prange(threads):
+        _distance_kernel(
+            t * n // threads,
+            (t + 1) * n // threads,
+            x,
+            y,
+            ignore_index,
+            dist,
+            depth,
+            from_logits,
+            need_grad,
+            scale,
+            loss,
+            grad,
+        )

@@ -1,8 +1,9 @@
 """Row statistics for the input checks (:func:`emdloss._inputs.check_distribution`) on CPU arrays.
 
-One vectorised pass over the rows, split across threads like the fused kernels (:mod:`.pool`): checking soft
-targets with torch reductions right before a fused call left two sets of worker threads competing for the
-cores and cost more than the check itself.
+One vectorised pass over the rows on the calling thread: checking soft targets with torch reductions right before
+a fused call left two sets of worker threads competing for the cores and cost more than the check itself, and a
+parallel loop here would add its own compile (about a second) to every first call with soft targets for a pass
+that is memory-bound anyway.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .pool import run_rows
 from .simd import FASTMATH
 
 
@@ -35,7 +35,7 @@ def distribution_stats(q: np.ndarray) -> tuple[bool, float, float]:
         return True, 0.0, 0.0
     sums = np.empty(q.shape[0], dtype=np.float64)
     negatives = np.empty(q.shape[0], dtype=np.float64)
-    run_rows(_row_sums_and_negatives, q.shape[0], q.size, q, sums, negatives)
+    _row_sums_and_negatives(0, q.shape[0], q, sums, negatives)
     if not np.isfinite(sums).all():  # a NaN or inf anywhere makes its row's sum NaN or inf
         return False, 0.0, 0.0
     return True, float(q.min()) if negatives.any() else 0.0, float(np.abs(sums - 1).max())

@@ -1,0 +1,51 @@
+"""Runs a kernel over a batch's rows: on the calling thread for small batches, else through numba's parallel loop.
+
+Each kernel is a serial numba function, ``kernel(first, end, *args)`` over rows (or row blocks) ``[first,
+end)``, with a thin parallel twin ``parallel(n_units, threads, *args)`` that cuts ``[0, n_units)`` into one chunk
+per thread in a ``prange`` loop and calls the serial kernel on each (so both paths run the same compiled
+per-row code, and the results do not depend on the path or the thread count). Below
+:data:`PARALLEL_MIN_WORK` numbers a batch stays on the calling thread: waking numba's workers costs more than
+such a batch (it made 64 x 10 batches cost 3x cross-entropy), and the first call of a small batch compiles
+only the serial kernel. Measured alternative, dropped: a Python thread pool around the serial kernels gained
+nothing at 256 x 1,000 on this 2-core VM (each of the two chunks ran 1.5x slower side by side), where numba's
+OpenMP workers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numba
+
+#: Smallest batch (in numbers: rows x (classes + internal nodes)) that goes through the parallel twin.
+PARALLEL_MIN_WORK = 1 << 15
+
+
+def threads() -> int:
+    """Threads the kernels use: as many as torch does (``torch.set_num_threads`` governs both), at most
+    numba's pool size."""
+    import torch
+
+    pool_size = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # set from the environment at import
+    return max(1, min(torch.get_num_threads(), pool_size))
+
+
+def run_rows(
+    kernel: Callable[..., None], parallel: Callable[..., None], n_units: int, work: int, *args: object
+) -> None:
+    """``kernel(0, n_units, *args)`` when ``work`` (the batch's size in numbers) is below
+    :data:`PARALLEL_MIN_WORK` or torch uses one thread, else ``parallel(n_units, threads, *args)``."""
+    t = min(threads(), n_units)
+    if t <= 1 or work < PARALLEL_MIN_WORK:
+        kernel(0, n_units, *args)
+        return
+    follow_torch_threads(t)
+    parallel(n_units, t, *args)
+
+
+def follow_torch_threads(wanted: int) -> None:
+    """Run numba's parallel loops on ``wanted`` threads. ``numba.get_num_threads`` also (re)registers this
+    process with numba's OpenMP layer, which otherwise terminates a forked child whose parent ran a parallel
+    region: keep that call first (``tests/test_reliability.py`` forks after use)."""
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
