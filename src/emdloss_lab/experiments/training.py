@@ -52,7 +52,6 @@ from .baselines import (
     CEPlusEMDLoss,
     HXELoss,
     SoftLabelLoss,
-    lca_height_matrix,
 )
 
 LOSSES = ("ce", "emd", "relaxed", "ce+relaxed", "hxe", "soft")
@@ -288,23 +287,6 @@ def fit_tuned(
 
 
 # ---------------------------------------------------------------------- metrics
-
-
-def _class_distances(tree: Tree) -> dict[str, Tensor]:
-    """(C, C) class distances: "lca" (LCA height in hops, Bertinetto et al.'s) and "path" (tree path length)."""
-
-    def build() -> dict[str, Tensor]:
-        return {
-            "lca": torch.from_numpy(np.array(lca_height_matrix(tree), dtype=np.float64)),
-            "path": torch.from_numpy(np.array(tree.distance_matrix(), dtype=np.float64)),
-        }
-
-    return tree.cached("emdloss_lab.class_distances", build)
-
-
-def _over_mistakes(d: Tensor, pred: Tensor, y: Tensor) -> float:
-    wrong = pred != y
-    return float(d[pred[wrong], y[wrong]].mean()) if bool(wrong.any()) else math.nan
 
 
 def collapse_diagnostics(pred: Tensor, tree: Tree) -> dict[str, float]:
