@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from types import ModuleType
 
 import numpy as np
 
 from ...tree import Tree
 from ..base import BackendWarning
-from . import compile_notice, one_row, threads
+from . import one_row, threads
 from .tree_arrays import InternalTree, chain_spacing, distance_rows
 
 #: Largest class count for which hard rho=1 targets use the cached C x C distance matrix (64 MiB float32).
@@ -96,8 +96,8 @@ def tree_rows(
     if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
         dist, depth = distance_rows(tree, x.dtype)
         args: tuple[object, ...] = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
-        with compile_notice.first_call(("distance", x.dtype.char, from_logits, need_grad)):
-            _run(one_row._distance_kernel, one_row._distance_parallel, n, n * c, *args)
+        variant: Hashable = (x.dtype.char, from_logits, need_grad)
+        _run(one_row._distance_kernel, one_row._distance_parallel, n, n * c, *args, variant=variant)
         return loss, grad if need_grad else None
     q = soft if soft is not None else zero_row(c, x.dtype)
     if tree.is_chain:
@@ -125,21 +125,36 @@ def tree_rows(
         try:
             n_blocks = -(-n // lanes.LANES)
             markers = lanes.block_markers(tree.is_chain, rho)
-            with compile_notice.first_call(("lanes", markers, x.dtype.char, soft is None, from_logits, need_grad)):
-                threads.run_rows(lanes._lanes_kernel, lanes._lanes_parallel, n_blocks, work, *args, *markers)
+            variant = (markers, x.dtype.char, soft is None, from_logits, need_grad)
+            threads.run_rows(
+                lanes._lanes_kernel, lanes._lanes_parallel, n_blocks, work, *args, *markers, variant=variant
+            )
             return loss, grad if need_grad else None
         except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
             disable_lane_kernels(exc)
-    with compile_notice.first_call(("rows", x.dtype.char, soft is None, from_logits, need_grad)):
-        _run(one_row._rows_kernel, one_row._rows_parallel, n, work, *args)
+    _run(
+        one_row._rows_kernel,
+        one_row._rows_parallel,
+        n,
+        work,
+        *args,
+        variant=(x.dtype.char, soft is None, from_logits, need_grad),
+    )
     return loss, grad if need_grad else None
 
 
-def _run(kernel: Callable[..., None], parallel: Callable[..., None], n_rows: int, work: int, *args: object) -> None:
+def _run(
+    kernel: Callable[..., None],
+    parallel: Callable[..., None],
+    n_rows: int,
+    work: int,
+    *args: object,
+    variant: Hashable,
+) -> None:
     """Run a one-row kernel over the rows; a failure (compilation: the kernels raise nothing at run time) is a
     KernelFailure."""
     try:
-        threads.run_rows(kernel, parallel, n_rows, work, *args)
+        threads.run_rows(kernel, parallel, n_rows, work, *args, variant=variant)
     except Exception as exc:
         raise KernelFailure(f"{type(exc).__name__}: {exc}") from exc
 

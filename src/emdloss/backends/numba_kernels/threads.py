@@ -14,9 +14,11 @@ OpenMP workers do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numba
+
+from . import compile_notice
 
 #: Smallest batch (in numbers: rows x (classes + internal nodes)) that goes through the parallel twin.
 PARALLEL_MIN_WORK = 1 << 15
@@ -32,16 +34,25 @@ def threads() -> int:
 
 
 def run_rows(
-    kernel: Callable[..., None], parallel: Callable[..., None], n_units: int, work: int, *args: object
+    kernel: Callable[..., None],
+    parallel: Callable[..., None],
+    n_units: int,
+    work: int,
+    *args: object,
+    variant: Hashable = None,
 ) -> None:
     """``kernel(0, n_units, *args)`` when ``work`` (the batch's size in numbers) is below
-    :data:`PARALLEL_MIN_WORK` or torch uses one thread, else ``parallel(n_units, threads, *args)``."""
+    :data:`PARALLEL_MIN_WORK` or torch uses one thread, else ``parallel(n_units, threads, *args)``. ``variant``
+    names what the arguments' types compile (dtype, target kind, ...): the first call of each function and
+    variant in a process may log the compile notice (:mod:`.compile_notice`)."""
     t = min(threads(), n_units)
-    if t <= 1 or work < PARALLEL_MIN_WORK:
-        kernel(0, n_units, *args)
-        return
-    follow_torch_threads(t)
-    parallel(n_units, t, *args)
+    serial = t <= 1 or work < PARALLEL_MIN_WORK
+    with compile_notice.first_call((kernel if serial else parallel, variant)):
+        if serial:
+            kernel(0, n_units, *args)
+        else:
+            follow_torch_threads(t)
+            parallel(n_units, t, *args)
 
 
 def follow_torch_threads(wanted: int) -> None:
