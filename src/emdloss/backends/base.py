@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from .._inputs import Batch
+from .._reduction import reduce_rows
 from ..tree import Tree
 
 
@@ -60,8 +61,6 @@ class Backend(abc.ABC):
     def loss(self, batch: Batch, tree: Tree, rho: float) -> Tensor:
         """The loss after ``batch.reduction``: :func:`~emdloss._reduction.reduce_rows` of :meth:`row_losses`
         unless the backend fuses the reduction."""
-        from .._reduction import reduce_rows
-
         return reduce_rows(self.row_losses(batch, tree, rho), batch)
 
 

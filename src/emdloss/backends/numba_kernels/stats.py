@@ -15,10 +15,10 @@ from .simd import FASTMATH
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _row_sums_and_negatives(first, end, q, sums, negatives):  # pragma: no cover
-    """Rows ``[first, end)``: row sums of q (in float64) and counts of negative entries: vectorised loops
-    (a running minimum would not be)."""
-    for i in range(first, end):
+def _row_sums_and_negatives(q, sums, negatives):  # pragma: no cover
+    """Row sums of q (in float64) and counts of negative entries: vectorised loops (a running minimum would
+    not be)."""
+    for i in range(q.shape[0]):
         s = 0.0  # float64: the sum's own rounding stays far below the tolerance, whatever C
         neg = 0.0
         for j in range(q.shape[1]):
@@ -35,7 +35,7 @@ def distribution_stats(q: np.ndarray) -> tuple[bool, float, float]:
         return True, 0.0, 0.0
     sums = np.empty(q.shape[0], dtype=np.float64)
     negatives = np.empty(q.shape[0], dtype=np.float64)
-    _row_sums_and_negatives(0, q.shape[0], q, sums, negatives)
+    _row_sums_and_negatives(q, sums, negatives)
     if not np.isfinite(sums).all():  # a NaN or inf anywhere makes its row's sum NaN or inf
         return False, 0.0, 0.0
     return True, float(q.min()) if negatives.any() else 0.0, float(np.abs(sums - 1).max())
