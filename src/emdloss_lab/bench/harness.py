@@ -82,7 +82,8 @@ class Config:
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False)")
         if getattr(args, "only", None) == "first-use":  # the cold-start times and small-problem ratios alone
-            args.trees, args.no_slow, args.no_memory, args.compile, args.compile_time = "", True, True, False, True
+            only = {"trees": "", "no_slow": True, "no_memory": True, "compile": False, "compile_time": True}
+            args = argparse.Namespace(**{**vars(args), **only})  # a copy: the caller's arguments stay as given
         return Config(
             quick=quick,
             seed=int(args.seed),
