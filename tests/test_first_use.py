@@ -10,9 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from _helpers import random_tree
 
 from emdloss import EMDLoss, Tree
-from emdloss.backends.numba_kernels import compile_notice, threads
+from emdloss.backends.numba_kernels import background_compile, compile_notice, threads
+from emdloss.functional import emd
 
 
 def test_a_slow_first_call_logs_one_notice_naming_the_cache(monkeypatch, caplog):
@@ -20,18 +22,16 @@ def test_a_slow_first_call_logs_one_notice_naming_the_cache(monkeypatch, caplog)
     monkeypatch.setattr(compile_notice, "NOTICE_AFTER_S", 0.05)
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/some/cache")
     with caplog.at_level(logging.WARNING, logger="emdloss"):
-        with compile_notice.first_call("variant"):
-            time.sleep(0.5)  # a compile that takes a while
-        with compile_notice.first_call("variant"):
-            time.sleep(0.2)  # the same variant again: no notice
+        compile_notice.call("variant", time.sleep, 0.5)  # a compile that takes a while
+        compile_notice.call("variant", time.sleep, 0.2)  # the same variant again: no notice
     notices = [r.getMessage() for r in caplog.records if r.name == "emdloss"]
     assert len(notices) == 1 and "compiling the fused CPU kernel" in notices[0] and "/some/cache" in notices[0]
 
 
 def test_a_fast_first_call_logs_nothing(monkeypatch, caplog):
     monkeypatch.setattr(compile_notice, "_started", set())
-    with caplog.at_level(logging.WARNING, logger="emdloss"), compile_notice.first_call("cached variant"):
-        pass
+    with caplog.at_level(logging.WARNING, logger="emdloss"):
+        compile_notice.call("cached variant", lambda: None)
     time.sleep(0.05)
     assert not [r for r in caplog.records if r.name == "emdloss"]
 
@@ -59,21 +59,113 @@ def test_small_batches_stay_on_the_calling_thread_and_big_ones_go_parallel(monke
     ]
 
 
-@pytest.mark.parametrize("n_threads", [1, 2])
-def test_split_batches_give_the_numbers_of_one_thread(n_threads):
-    tree = Tree.chain(300)
+def test_a_big_first_call_runs_on_the_calling_thread_while_its_twin_compiles(monkeypatch):
+    from numba import njit, prange
+
+    @njit
+    def kernel(first, end, out):  # pragma: no cover - compiled
+        for i in range(first, end):
+            out[i] = 1.0
+
+    @njit(parallel=True)
+    def parallel(n, n_threads, out):  # pragma: no cover - compiled
+        for t in prange(n_threads):
+            for i in range(t * n // n_threads, (t + 1) * n // n_threads):
+                out[i] = 2.0
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    out = np.zeros(4)
+    threads.run_rows(kernel, parallel, 4, threads.PARALLEL_MIN_WORK, out, variant="test")
+    assert (out == 1.0).all()  # the serial kernel ran; the twin is compiling, or done already
+    background_compile.wait()
+    assert background_compile.ready((parallel, "test"), parallel)
+    threads.run_rows(kernel, parallel, 4, threads.PARALLEL_MIN_WORK, out, variant="test")
+    assert (out == 2.0).all()
+
+
+def test_a_twin_that_fails_to_compile_leaves_its_variant_on_the_calling_thread(monkeypatch):
+    from numba import njit
+
+    @njit
+    def kernel(first, end, out):  # pragma: no cover - compiled
+        for i in range(first, end):
+            out[i] = 1.0
+
+    @njit
+    def parallel(n, n_threads, out):  # pragma: no cover - compiled
+        out[0] = undefined_name  # noqa: F821 - a typing error when compiled
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    out = np.zeros(4)
+    for _ in range(2):
+        threads.run_rows(kernel, parallel, 4, threads.PARALLEL_MIN_WORK, out, variant="broken")
+        background_compile.wait()
+    assert (out == 1.0).all() and not background_compile.ready((parallel, "broken"), parallel)
+
+
+TWIN_CASES = {
+    # name: (tree, rho, target kind, batch): each batch is above PARALLEL_MIN_WORK numbers
+    "chain, rho 2, lanes": (lambda: Tree.chain(300), 2.0, "hard", 256),
+    "tree, rho 1.5, soft, lanes": (
+        lambda: random_tree(np.random.default_rng(4), 400, internal_classes=True),
+        1.5,
+        "soft",
+        256,
+    ),
+    "chain, rho 1, distance matrix": (lambda: Tree.chain(300), 1.0, "hard", 256),
+    "tree, rho 2, one row": (
+        lambda: random_tree(np.random.default_rng(5), 30_000),
+        2.0,
+        "hard",
+        16,
+    ),  # lanes' scratch too big
+}
+QUICK_TWINS = ["chain, rho 2, lanes", "tree, rho 2, one row"]
+
+
+def _check_twin_gives_the_numbers_of_one_thread(monkeypatch, case):
+    make_tree, rho, target, n = TWIN_CASES[case]
+    tree = make_tree()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 300, generator=gen, requires_grad=True)  # 256 x 300 > PARALLEL_MIN_WORK: split
-    y = torch.randint(0, 300, (256,), generator=gen)
+    x = torch.randn(n, tree.num_classes, generator=gen) * 3
+    if target == "soft":
+        y = torch.softmax(torch.randn(n, tree.num_classes, generator=gen), 1)
+    else:
+        y = torch.randint(0, tree.num_classes, (n,), generator=gen)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        loss = emd(xx, y, tree, rho=rho, reduction="none")
+        loss.sum().backward()
+        return loss.detach(), xx.grad
+
+    twin_runs = []
+    original = threads.follow_torch_threads
+    monkeypatch.setattr(threads, "follow_torch_threads", lambda t: (twin_runs.append(t), original(t)))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = EMDLoss(tree, rho=2.0, reduction="none")(x, y)
-        torch.set_num_threads(n_threads)
-        many = EMDLoss(tree, rho=2.0, reduction="none")(x, y)
+        one = run()
+        torch.set_num_threads(2)
+        first = run()  # on the calling thread while the twin compiles (or already split, if it was compiled)
+        background_compile.wait()
+        split = run()
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, many)
+    assert twin_runs, "the parallel twin never ran"
+    for got in (first, split):
+        assert torch.equal(one[0], got[0]) and torch.equal(one[1], got[1])
+
+
+@pytest.mark.parametrize("case", QUICK_TWINS)
+def test_split_batches_give_the_numbers_of_one_thread(monkeypatch, case):
+    _check_twin_gives_the_numbers_of_one_thread(monkeypatch, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(set(TWIN_CASES) - set(QUICK_TWINS)))
+def test_split_batches_give_the_numbers_of_one_thread_every_kernel(monkeypatch, case):
+    _check_twin_gives_the_numbers_of_one_thread(monkeypatch, case)
 
 
 def _child_loss(queue) -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 
 #: Seconds a first call may take before the notice is logged.
 NOTICE_AFTER_S = 1.5
@@ -36,18 +35,18 @@ def _notice() -> None:
     )
 
 
-@contextmanager
-def first_call(key: Hashable) -> Iterator[None]:
-    """Around a kernel call: the first time ``key`` is seen in this process, log the notice if the call is
-    still running after :data:`NOTICE_AFTER_S` seconds."""
+def call(key: Hashable, function: Callable[..., None], *args: object) -> None:
+    """``function(*args)``; the first time ``key`` is seen in this process, log the notice if the call is still
+    running after :data:`NOTICE_AFTER_S` seconds. (Later calls pay one set lookup: this sits on every kernel
+    call, where a context manager's cost showed on small batches.)"""
     if key in _started:
-        yield
+        function(*args)
         return
     _started.add(key)
     timer = threading.Timer(NOTICE_AFTER_S, _notice)
     timer.daemon = True
     timer.start()
     try:
-        yield
+        function(*args)
     finally:
         timer.cancel()
