@@ -132,13 +132,15 @@ def tree_rows(
             return loss, grad if need_grad else None
         except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
             disable_lane_kernels(exc)
+    sweep = one_row.sweep_markers(tree.is_chain)
     _run(
         one_row._rows_kernel,
         one_row._rows_parallel,
         n,
         work,
         *args,
-        variant=(x.dtype.char, soft is None, from_logits, need_grad),
+        *sweep,
+        variant=(sweep, x.dtype.char, soft is None, from_logits, need_grad),
     )
     return loss, grad if need_grad else None
 
