@@ -222,7 +222,7 @@ def test_lane_kernels_that_fail_to_compile_fall_back_to_the_one_row_kernel(monke
 
     monkeypatch.setattr(numba_kernels, "_lanes_state", {})
     monkeypatch.setattr(lane_kernels, "_lanes_kernel", broken)
-    tree = Tree.chain(12) if soft else random_tree(np.random.default_rng(0), 30, internal_classes=True)
+    tree = Tree.chain(40) if soft else random_tree(np.random.default_rng(0), 60, internal_classes=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, tree.num_classes, generator=gen, dtype=torch.float64, requires_grad=True)
     target = torch.softmax(torch.randn(64, tree.num_classes, generator=gen, dtype=torch.float64), 1) if soft else \

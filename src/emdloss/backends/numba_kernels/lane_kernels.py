@@ -474,15 +474,21 @@ def _lanes_parallel(
 LANES_SCRATCH_FLOOR = 1 << 20
 
 
+#: Fewer classes than this go one row at a time: with so little work per row the lanes' transposes and scratch
+#: cost more than they save (kernel alone, batch 32: 6.8 vs 5.6 us for a 5-class chain, 8.8 vs 4.7 us for a
+#: 10-class tree; about even at 256 rows; lanes ahead from 20 classes on trees, 50 on chains).
+LANES_MIN_CLASSES = 16
+
+
 def lanes_pay_off(n_rows: int, n_cls: int, n_internal: int, itemsize: int) -> bool:
-    """Whether the LANES-row kernel is used: for at least LANES rows, when its scratch (per thread, LANES rows
+    """Whether the LANES-row kernel is used: for at least LANES rows of at least :data:`LANES_MIN_CLASSES` classes, when its scratch (per thread, LANES rows
     of probabilities and of float64 gradients, and per-class and internal-node lanes) is at most the input's
     size or at most ``LANES_SCRATCH_FLOOR`` (1 MiB). Otherwise one row at a time: fewer than LANES rows (the
     lanes would repeat the last row), or small batches of huge trees (the scratch would outweigh the input).
 
     Measured on the ImageNet tree, rho = 2, 2 threads (``python -m emdloss_lab.bench.profile_fused --kernel``): the kernel
     takes 0.06 ms for a batch of 64 through the lanes and 0.26 ms one row at a time; 0.02 and 0.04 ms at 8."""
-    if n_rows < LANES:
+    if n_rows < LANES or n_cls < LANES_MIN_CLASSES:
         return False
     threads = min(kernel_threads.threads(), -(-n_rows // LANES))
     scratch = threads * LANES * (padded_width(n_cls) * (itemsize + 16) + n_internal * 8)
