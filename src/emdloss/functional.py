@@ -106,6 +106,10 @@ def emd(
         raise ValueError(
             f"input must have shape (N, C), (N, C, d1, ..., dk) or, unbatched, (C,) with C = {tree.num_classes}, got shape ()"
         )
+    if weight is None and label_smoothing == 0.0 and from_logits and reduction != "none":
+        fast = backends.fast_loss(backend, input, target, tree, rho, reduction, ignore_index)
+        if fast is not None:
+            return fast
     unbatched = isinstance(input, Tensor) and input.dim() == 1
     if unbatched:
         input, target = _batch_of_one(input, target)

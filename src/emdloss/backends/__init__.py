@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._inputs import Batch, check_loss_scale
 from ..tree import Tree
+from . import fast_path
 from .base import Backend, BackendUnusable, BackendWarning, loss_weight_sum, loss_weights
 from .fused_cpu import FusedCPUBackend
 from .reference import ReferenceBackend
@@ -66,6 +67,19 @@ def select(name: str, batch: Batch) -> Backend:
     if reason:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}; use backend='auto'")
     return backend
+
+
+def fast_loss(
+    name: str, input: Tensor, target: Tensor, tree: Tree, rho: float, reduction: str, ignore_index: int
+) -> Tensor | None:
+    """The loss of the common call through :mod:`.fast_path` (same numbers as :func:`loss`), or None when the
+    call is not that case or ``name`` ("auto" defers to ``$EMDLOSS_BACKEND``) is not the fused CPU backend."""
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto")
+    fused = _REGISTRY["numba"]
+    if name not in ("auto", "numba") or not isinstance(fused, FusedCPUBackend):
+        return None
+    return fast_path.try_loss(input, target, tree, rho, reduction, ignore_index, fused)
 
 
 def row_losses(name: str, batch: Batch, tree: Tree, rho: float) -> Tensor:

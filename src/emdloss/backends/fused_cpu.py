@@ -27,6 +27,12 @@ from .._reduction import check_finite_loss
 from ..tree import Tree
 from .base import Backend, BackendUnusable, BackendWarning
 
+#: The error of a fused backward asked for a differentiable gradient.
+SECOND_DERIVATIVE_MESSAGE = (
+    "emdloss: second derivatives (create_graph=True, Hessian-vector products, gradient penalties) need "
+    "backend='torch'; the fused CPU backend computes its gradient in the forward pass and cannot differentiate it"
+)
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,11 +69,7 @@ class _FusedEMDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate this gradient
-            raise RuntimeError(
-                "emdloss: second derivatives (create_graph=True, Hessian-vector products, gradient penalties) need "
-                "backend='torch'; the fused CPU backend computes its gradient in the forward pass and cannot "
-                "differentiate it"
-            )
+            raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
         (grad,) = ctx.saved_tensors
         if ctx.reduced:  # 0-d: the gradient was scaled by the reduction already
             factor = grad_out.item()
