@@ -26,9 +26,14 @@ from emdloss.losses import EMDLoss
 
 from .harness import Config, best_ratio, interleaved, make_inputs, make_step, median_ratio
 
-#: (tree kind, classes, target, rho) of the cold-start probe: the largest size the first-call goal names.
+#: (tree kind, classes, target, rho) of the cold-start probe: 1,000 classes (lane and distance-matrix kernels at
+#: this batch) and 10^4, the largest size the first-call goal names (the one-row kernel).
 COLD_CASES = [
-    (kind, 10_000, target, rho) for kind in ("chain", "tree") for target in ("hard", "soft") for rho in (1.0, 2.0)
+    (kind, classes, target, rho)
+    for classes in (1_000, 10_000)
+    for kind in ("chain", "tree")
+    for target in ("hard", "soft")
+    for rho in (1.0, 2.0)
 ]
 COLD_BATCH = 64
 
