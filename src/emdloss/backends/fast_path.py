@@ -18,6 +18,7 @@ logit anyway, and a bad one makes the sum non-finite.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,8 +75,8 @@ def try_loss(
         return None
     if not need_grad:
         return torch.tensor(total * scale, dtype=input.dtype)
-    out: Tensor = _KernelGradient.apply(input, total * scale, torch.from_numpy(grad))
-    return out
+    apply: Callable[..., Tensor] = _KernelGradient.apply  # torch leaves Function.apply untyped
+    return apply(input, total * scale, torch.from_numpy(grad))
 
 
 class _KernelGradient(torch.autograd.Function):
