@@ -204,3 +204,23 @@ def test_report_pending_then_generated_from_a_record(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["report", "--add", str(tmp_path / "nothing-here"), "--results", str(results)]) == 2
     assert "no readable results.json" in capsys.readouterr().err
+
+
+def test_provenance_names_the_code_the_units_were_computed_with(tmp_path, monkeypatch) -> None:
+    """A checkout that moves on while a run computes (or between its sessions) must not be what the record names."""
+    start, later = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
+    monkeypatch.setattr(runner, "git_state", lambda: start)
+    config = {"experiment": "convergence", "seeds": 1}
+    ckpt = runner.Checkpoint(tmp_path, config)
+    ckpt["unit/0"] = {"x": 1}
+    monkeypatch.setattr(runner, "git_state", lambda: later)
+    runner.publish(tmp_path, {"config": config, "results": {}}, ["# header", "body"])
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["computed_with"] == [start] and prov["git"] == later
+
+    resumed = runner.Checkpoint(tmp_path, config)  # a second session under the new code
+    resumed["unit/1"] = {"x": 2}
+    runner.publish(tmp_path, {"config": config, "results": {}}, ["# header", "body"])
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["computed_with"] == [start, later]
+    assert runner._commit_text(prov["computed_with"][1]) == "b" * 12 + " (working tree modified)"

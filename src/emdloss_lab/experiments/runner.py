@@ -275,6 +275,9 @@ class Checkpoint:
         self.config = to_jsonable(config)
         self.hash = config_hash(config)
         self.done: dict[str, Any] = {}
+        # the code each session of the run computed its units with: provenance.json, written at the end, would
+        # otherwise name whatever the checkout holds by then
+        self.code: list[dict[str, Any]] = []
         if Path(out_dir).exists() and not Path(out_dir).is_dir():
             raise CheckpointError(f"--out {out_dir} is a file, not a folder: choose a folder for the results")
         if self.path.exists():
@@ -299,6 +302,11 @@ class Checkpoint:
                     "the earlier run, or use another --out for the new ones"
                 )
             self.done = dict(done)
+            stored_code = data.get("code")
+            self.code = list(stored_code) if isinstance(stored_code, list) else []
+        now = git_state()
+        if not self.code or self.code[-1] != now:
+            self.code.append(now)
 
     def __contains__(self, key: str) -> bool:
         return key in self.done
@@ -308,7 +316,16 @@ class Checkpoint:
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.done[key] = to_jsonable(value)
-        write_json(self.path, {"config_hash": self.hash, "config": self.config, "done": self.done, "time": time.time()})
+        write_json(
+            self.path,
+            {
+                "config_hash": self.hash,
+                "config": self.config,
+                "done": self.done,
+                "code": self.code,
+                "time": time.time(),
+            },
+        )
 
     def __len__(self) -> int:
         return len(self.done)
@@ -376,7 +393,14 @@ def publish(out: Path, results: dict[str, Any], sections: list[str]) -> None:
     first is :func:`report_header`'s) to ``out``, atomically, and print the report without its header."""
     # What produced the results goes beside them, not into them: results.json stays a pure function of the
     # configuration (a resumed run's equals an uninterrupted one's), provenance.json says where and when.
-    write_json(out / "provenance.json", provenance(results.get("config", {})))
+    prov = provenance(results.get("config", {}))
+    try:  # the code the units were computed with (Checkpoint.code), when a checkpoint records it
+        code = json.loads((out / CHECKPOINT_NAME).read_text(encoding="utf-8")).get("code")
+    except (OSError, ValueError, AttributeError):
+        code = None
+    if isinstance(code, list) and code:
+        prov["computed_with"] = code
+    write_json(out / "provenance.json", prov)
     write_json(out / "results.json", results)
     write_text(out / "report.md", "\n".join(sections))
     print("\n".join(sections[1:]))
@@ -469,6 +493,10 @@ def verdict(diff: tuple[float, float, float], better: str) -> str:
     return "supported" if good else "refuted" if bad else "inconclusive"
 
 
+def _commit_text(git: dict[str, Any]) -> str:
+    return (git.get("commit") or "unknown")[:12] + (" (working tree modified)" if git.get("dirty") else "")
+
+
 def generate_report(results_dir: str | os.PathLike[str]) -> str:
     """The generated block of docs/results.md: per experiment, its recorded full run (provenance, verdicts where
     the experiment defines them, tables) or a pending note."""
@@ -496,10 +524,9 @@ def generate_report(results_dir: str | os.PathLike[str]) -> str:
             continue
         record = json.loads(full.read_text(encoding="utf-8"))
         prov = record.get("provenance", {})
-        git = prov.get("git") or {}
-        commit = (git.get("commit") or "unknown")[:12] + (" (working tree modified)" if git.get("dirty") else "")
+        commits = ", then ".join(f"`{_commit_text(g)}`" for g in prov.get("computed_with") or [prov.get("git") or {}])
         parts.append(
-            f"Run at commit `{commit}`, {prov.get('utc', 'time unknown')}: `{prov.get('command', '?')}`; "
+            f"Run at commit {commits}, {prov.get('utc', 'time unknown')}: `{prov.get('command', '?')}`; "
             f"{record['config']['seeds']} seeds; versions `{json.dumps(prov.get('versions', {}))}`.\n"
         )
         module = _experiment_module(name)
