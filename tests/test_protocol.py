@@ -224,3 +224,29 @@ def test_provenance_names_the_code_the_units_were_computed_with(tmp_path, monkey
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["computed_with"] == [start, later]
     assert runner._commit_text(prov["computed_with"][1]) == "b" * 12 + " (working tree modified)"
+
+
+def test_ordinal_verdicts_compare_each_emd_loss_to_cross_entropy_in_pairs() -> None:
+    from emdloss_lab.experiments import ordinal
+
+    def runs(acc: list[float], mae: list[float]) -> list[dict[str, float]]:
+        return [{"accuracy": a, "mae": m} for a, m in zip(acc, mae)]
+
+    ce = runs([0.5] * 5, [1.0] * 5)
+    results = {
+        "lev": {
+            "ce": ce,
+            "emd": runs([0.6, 0.61, 0.62, 0.63, 0.64], [1.2, 1.3, 1.2, 1.3, 1.25]),  # better accuracy, worse MAE
+            "relaxed": runs([0.4, 0.6, 0.45, 0.55, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0]),  # both within noise
+        }
+    }
+    text = ordinal.verdicts({"config": {"datasets": ["lev"], "seeds": 5}, "results": results})
+    emd_row = next(line for line in text.splitlines() if line.startswith("| lev, emd "))
+    relaxed_row = next(line for line in text.splitlines() if line.startswith("| lev, relaxed "))
+    assert (
+        emd_row.count("better") == 1
+        and emd_row.count("worse") == 1
+        and emd_row.index("better") < emd_row.index("worse")
+    )
+    assert relaxed_row.count("inconclusive") == 2
+    assert "ce+relaxed" not in text  # not run: no row

@@ -198,6 +198,34 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
+#: The claim the verdicts test, per EMD-family loss: it beats cross-entropy (accuracy higher, MAE lower).
+VERDICT_LOSSES = ("emd", "relaxed", "ce+relaxed")
+
+
+def verdicts(record: dict[str, Any]) -> str:
+    """Per dataset and EMD-family loss: paired differences to cross-entropy over the seeds (same data, split and
+    tuning budget) in accuracy and MAE, 95 % bootstrap intervals, and whether the loss beats cross-entropy
+    (better: the whole interval on the better side; worse: the whole interval on the other; else inconclusive)."""
+    config, results = record["config"], record["results"]
+    rows = []
+    for d in config["datasets"]:
+        for loss in VERDICT_LOSSES:
+            if loss not in results[d]:
+                continue
+            cells = [f"{d}, {loss}"]
+            for key, better in (("accuracy", "higher"), ("mae", "lower")):
+                diff = runner.paired_bootstrap([r[key] for r in results[d][loss]], [r[key] for r in results[d]["ce"]])
+                word = {"supported": "better", "refuted": "worse"}.get(runner.verdict(diff, better), "inconclusive")
+                cells.append(f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}] {word}")
+            rows.append(cells)
+    header = ["dataset, loss", "accuracy: loss - CE", "MAE: loss - CE"]
+    note = (
+        f"Paired over the {config['seeds']} seeds; 95 % percentile-bootstrap intervals, which with so few pairs "
+        "describe the seeds' spread rather than test anything. better / worse: the whole interval on that side.\n"
+    )
+    return "## Verdicts: does an EMD loss beat cross-entropy?\n\n" + runner.markdown_table(header, rows) + "\n\n" + note
+
+
 def is_full(config: dict[str, Any]) -> bool:
     """Whether ``config`` is the full configuration (any number of seeds >= 5), the one verdicts may rest on."""
     full = configuration(False, False, 5, config["losses"])
