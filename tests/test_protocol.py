@@ -250,3 +250,16 @@ def test_ordinal_verdicts_compare_each_emd_loss_to_cross_entropy_in_pairs() -> N
     )
     assert relaxed_row.count("inconclusive") == 2
     assert "ce+relaxed" not in text  # not run: no row
+
+
+def test_report_writes_the_readme_claims_summary_from_the_records(tmp_path) -> None:
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n{runner.SUMMARY_BEGIN_MARK}\nold text\n{runner.SUMMARY_END_MARK}\n\n## Tests\n")
+    _fake_convergence_run(tmp_path / "full", seeds=5)
+    args = ["report", "--add", str(tmp_path / "full"), "--results", str(results), "--readme", str(readme)]
+    assert main(args) == 0
+    text = readme.read_text()
+    assert "old text" not in text and text.endswith("## Tests\n") and text.count(runner.SUMMARY_BEGIN_MARK) == 1
+    line = next(x for x in text.splitlines() if x.startswith("- **convergence**"))
+    assert "5 seeds" in line and "supported in 12, refuted in 0, inconclusive in 0 of 12 settings" in line
+    assert "- **ordinal: pending.**" in text and "- **hierarchy: pending.**" in text

@@ -59,6 +59,9 @@ from .training import (
     paired_table,
     summarize,
     tree_metrics,
+    verdict_counts,
+    verdict_table,
+    versus_baseline,
 )
 
 LOSSES = ("ce", "emd", "relaxed", "ce+relaxed", "hxe", "soft")
@@ -209,6 +212,41 @@ def render(record: dict[str, Any]) -> str:
         "hop depth of the predicted classes.\n"
     )
     return "\n".join(text)
+
+
+#: The losses whose verdicts against cross-entropy are drawn (the EMD family and Bertinetto et al.'s two), and
+#: the metrics: top-1 (the paper's claim) and the mistake severity (LCA height over the mistakes).
+VERDICT_LOSSES = ("emd", "relaxed", "ce+relaxed", "hxe", "soft")
+VERDICT_METRICS = (("top1", "higher"), ("lca_height", "lower"))
+
+
+def verdicts(record: dict[str, Any]) -> str:
+    """Per (tree, examples a class) and loss: does it beat cross-entropy in top-1, and make milder mistakes?
+    Paired differences over the seeds with bootstrap intervals (:func:`.training.versus_baseline`)."""
+    rows = versus_baseline(record["results"], VERDICT_LOSSES, VERDICT_METRICS)
+    table = verdict_table(rows, VERDICT_METRICS, record["config"]["seeds"])
+    return "## Claim 2 verdicts: does a loss beat cross-entropy in top-1?\n\n" + table
+
+
+def claim_summary(record: dict[str, Any]) -> str:
+    """One sentence for the README: claim 2 (an EMD loss beats cross-entropy in top-1 with few examples a class)
+    at 50 examples a class on the ImageNet tree, and over every group."""
+    results = record["results"]
+    at_50 = {g: by_loss for g, by_loss in results.items() if g == "imagenet/50"}
+    parts = []
+    for loss in ("emd", "relaxed", "ce+relaxed"):
+        rows = versus_baseline(at_50, (loss,), VERDICT_METRICS)
+        top1 = next((r for r in rows if r["metric"] == "top1"), None)
+        if top1 is not None:
+            d = top1["diff"]
+            parts.append(f"{loss} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] ({top1['word']})")
+    every = versus_baseline(results, ("emd", "relaxed", "ce+relaxed"), VERDICT_METRICS)
+    return (
+        "Claim 2, top-1 minus cross-entropy's on the ImageNet tree at 50 examples a class (generated features): "
+        + ("; ".join(parts) or "not run")
+        + f". Over all {len(results)} groups, the EMD-family losses' top-1 against cross-entropy: "
+        + f"{verdict_counts(every, 'top1')}; mistake severity (LCA height): {verdict_counts(every, 'lca_height')}."
+    )
 
 
 def is_full(config: dict[str, Any]) -> bool:

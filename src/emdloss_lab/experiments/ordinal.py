@@ -43,6 +43,9 @@ from .training import (
     paired_table,
     standardize,
     summarize,
+    verdict_counts,
+    verdict_table,
+    versus_baseline,
 )
 
 DATASETS = ("wine-red", "wine-white", "abalone", "era", "lev")
@@ -198,32 +201,31 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-#: The claim the verdicts test, per EMD-family loss: it beats cross-entropy (accuracy higher, MAE lower).
+#: The EMD-family losses whose verdicts against cross-entropy are drawn, and the metrics (which way is better).
 VERDICT_LOSSES = ("emd", "relaxed", "ce+relaxed")
+VERDICT_METRICS = (("accuracy", "higher"), ("mae", "lower"))
 
 
 def verdicts(record: dict[str, Any]) -> str:
-    """Per dataset and EMD-family loss: paired differences to cross-entropy over the seeds (same data, split and
-    tuning budget) in accuracy and MAE, 95 % bootstrap intervals, and whether the loss beats cross-entropy
-    (better: the whole interval on the better side; worse: the whole interval on the other; else inconclusive)."""
-    config, results = record["config"], record["results"]
-    rows = []
-    for d in config["datasets"]:
-        for loss in VERDICT_LOSSES:
-            if loss not in results[d]:
-                continue
-            cells = [f"{d}, {loss}"]
-            for key, better in (("accuracy", "higher"), ("mae", "lower")):
-                diff = runner.paired_bootstrap([r[key] for r in results[d][loss]], [r[key] for r in results[d]["ce"]])
-                word = {"supported": "better", "refuted": "worse"}.get(runner.verdict(diff, better), "inconclusive")
-                cells.append(f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}] {word}")
-            rows.append(cells)
-    header = ["dataset, loss", "accuracy: loss - CE", "MAE: loss - CE"]
-    note = (
-        f"Paired over the {config['seeds']} seeds; 95 % percentile-bootstrap intervals, which with so few pairs "
-        "describe the seeds' spread rather than test anything. better / worse: the whole interval on that side.\n"
+    """Per dataset and EMD-family loss: does it beat cross-entropy in accuracy and MAE? Paired differences over
+    the seeds with bootstrap intervals (:func:`.training.versus_baseline`)."""
+    rows = versus_baseline(record["results"], VERDICT_LOSSES, VERDICT_METRICS)
+    table = verdict_table(rows, VERDICT_METRICS, record["config"]["seeds"])
+    return "## Verdicts: does an EMD loss beat cross-entropy?\n\n" + table
+
+
+def claim_summary(record: dict[str, Any]) -> str:
+    """One sentence for the README: per EMD-family loss, on how many of the real tables it beat cross-entropy."""
+    parts = []
+    for loss in VERDICT_LOSSES:
+        rows = versus_baseline(record["results"], (loss,), VERDICT_METRICS)
+        if rows:
+            parts.append(f"{loss}: accuracy {verdict_counts(rows, 'accuracy')}, MAE {verdict_counts(rows, 'mae')}")
+    return (
+        f"Against cross-entropy on {len(record['config']['datasets'])} real ordinal tables (datasets): "
+        + "; ".join(parts)
+        + "."
     )
-    return "## Verdicts: does an EMD loss beat cross-entropy?\n\n" + runner.markdown_table(header, rows) + "\n\n" + note
 
 
 def is_full(config: dict[str, Any]) -> bool:

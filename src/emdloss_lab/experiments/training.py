@@ -380,6 +380,62 @@ def paired_table(
     return runner.markdown_table(["paired difference", *keys], rows)
 
 
+#: Words for :func:`runner.verdict`'s answers when a loss is compared with a baseline.
+_AGAINST_BASELINE = {"supported": "better", "refuted": "worse", "inconclusive": "inconclusive"}
+
+
+def versus_baseline(
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    losses: Sequence[str],
+    metrics: Sequence[tuple[str, str]],
+    baseline: str = "ce",
+) -> list[dict[str, Any]]:
+    """Per group of ``results`` (``{group: {loss: per-seed runs}}``), loss in ``losses`` that was run, and
+    ``(metric, "higher" | "lower")`` in ``metrics`` (which way is better): the paired difference ``loss -
+    baseline`` over seeds (mean, 95 % bootstrap interval) and its word, "better" / "worse" (the whole interval
+    on that side) or "inconclusive"."""
+    rows = []
+    for group, by_loss in results.items():
+        for loss in losses:
+            if loss == baseline or loss not in by_loss or baseline not in by_loss:
+                continue
+            for key, better in metrics:
+                diff = runner.paired_bootstrap([r[key] for r in by_loss[loss]], [r[key] for r in by_loss[baseline]])
+                word = _AGAINST_BASELINE[runner.verdict(diff, better)]
+                rows.append({"group": group, "loss": loss, "metric": key, "diff": diff, "word": word})
+    return rows
+
+
+def verdict_table(
+    rows: list[dict[str, Any]], metrics: Sequence[tuple[str, str]], seeds: int, baseline: str = "ce"
+) -> str:
+    """:func:`versus_baseline`'s rows as a markdown table (one row a group and loss, one column a metric) and a
+    note on what the intervals mean."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        d = r["diff"]
+        cells.setdefault((r["group"], r["loss"]), {})[r["metric"]] = (
+            f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] {r['word']}"
+        )
+    header = ["group, loss", *(f"{key}: loss - {baseline}" for key, _ in metrics)]
+    table = [[f"{g}, {loss}", *(c.get(key, "—") for key, _ in metrics)] for (g, loss), c in cells.items()]
+    note = (
+        f"Paired over the {seeds} seeds (same data, split and tuning budget); 95 % percentile-bootstrap intervals, "
+        "which with so few pairs describe the seeds' spread rather than test anything. better / worse: the whole "
+        "interval on that side.\n"
+    )
+    return runner.markdown_table(header, table) + "\n\n" + note
+
+
+def verdict_counts(rows: list[dict[str, Any]], metric: str) -> str:
+    """ "better in a, worse in b, inconclusive in c of n" for ``metric`` over :func:`versus_baseline`'s rows."""
+    words = [r["word"] for r in rows if r["metric"] == metric]
+    return (
+        f"better in {words.count('better')}, worse in {words.count('worse')}, inconclusive in "
+        f"{words.count('inconclusive')} of {len(words)}"
+    )
+
+
 # ---------------------------------------------------------------------- experiment plumbing
 
 
