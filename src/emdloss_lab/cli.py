@@ -46,6 +46,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "convergence": ("emdloss_lab.experiments.convergence", "relaxed vs exact EMD: steps to fit target histograms"),
     "ordinal": ("emdloss_lab.experiments.ordinal", "ordinal classification on real tables (chains)"),
     "hierarchy": ("emdloss_lab.experiments.hierarchy", "hierarchical classification, small-data regime (trees)"),
+    "proxy": ("emdloss_lab.experiments.proxy", "small-data proxy: generated images on the ImageNet tree, CNN"),
     "sinkhorn": (
         "emdloss_lab.experiments.sinkhorn_study",
         "Sinkhorn's bias, stability, gradients and cost vs exact EMD",
