@@ -11,21 +11,15 @@ import torch
 
 pytest.importorskip("matplotlib")
 
+from _helpers import shared_data_or_skip
+
 from emdloss import Tree
 from emdloss_lab.cli import main
-from emdloss_lab.data import DataUnavailable, shared_data_dir
 from emdloss_lab.experiments import proxy
 
 
-def _needs_shared_data() -> None:
-    try:
-        shared_data_dir()
-    except DataUnavailable as exc:
-        pytest.skip(f"shared data folder not available: {exc}")
-
-
 def test_proxy_smoke(tmp_path, capsys) -> None:
-    _needs_shared_data()
+    shared_data_or_skip()
     out = tmp_path / "proxy"
     argv = ["experiment", "proxy", "--out", str(out), "--smoke", "--seeds", "2", "--no-progress"]
     assert main(argv) == 0
@@ -56,7 +50,7 @@ def test_restrict_tree_keeps_distances() -> None:
 
 
 def test_renderer_is_frozen_and_follows_the_tree() -> None:
-    _needs_shared_data()
+    shared_data_or_skip()
     cfg = proxy.configuration(False, 5, smoke=True)
     cfg["classes"] = 40
     torch.manual_seed(123)  # the generator must not depend on the global torch state

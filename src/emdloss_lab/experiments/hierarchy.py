@@ -262,9 +262,9 @@ TITLES = {
 }
 
 
-def group_report(group: str, by_loss: dict[str, list[dict[str, Any]]]) -> str:
+def group_report(group: str, by_loss: dict[str, list[dict[str, Any]]], heading: str | None = None) -> str:
     """The markdown section of one (tree, examples a class) group: metrics, paired differences, collapse and the
-    chosen hyper-parameters."""
+    chosen hyper-parameters, under ``heading`` (default: the tree's title and the examples a class)."""
     t, k = group.split("/")
     losses = [loss for loss in LOSSES if loss in by_loss]
     chosen_rows = []
@@ -280,7 +280,7 @@ def group_report(group: str, by_loss: dict[str, list[dict[str, Any]]]) -> str:
             ]
         )
     return (
-        f"## {TITLES[t]}, {k} training examples a class\n\n"
+        f"## {heading or f'{TITLES[t]}, {k} training examples a class'}\n\n"
         + loss_table(by_loss, losses, METRICS)
         + "\n\n"
         + (paired_table(by_loss, losses, PAIRED) + "\n\n" if "ce" in by_loss else "")
@@ -291,7 +291,14 @@ def group_report(group: str, by_loss: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
-def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
+def _plot(
+    results: dict[str, Any],
+    sizes: list[int],
+    path: Path,
+    xlabel: str = "training examples a class",
+    title: str = "ImageNet-1k WordNet tree, generated features",
+) -> None:
+    """Top-1, LCA height and hierarchical distance@5 of each loss against the ``imagenet/K`` group's size K."""
     plt = runner.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["top1", "lca_height", "hdist@5"]):
@@ -299,10 +306,10 @@ def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
             sm = [summarize(results[f"imagenet/{k}"][loss], [metric])[metric] for k in sizes]
             ax.errorbar(sizes, [m for m, _ in sm], yerr=[s for _, s in sm], marker="o", ms=3, capsize=2, label=loss)
         ax.set_xscale("log")
-        ax.set_xlabel("training examples a class")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
-    fig.suptitle("ImageNet-1k WordNet tree, generated features", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     runner.save_figure(fig, path)
 
 

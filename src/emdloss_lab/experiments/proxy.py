@@ -81,17 +81,15 @@ from emdloss.tree import Tree
 
 from .. import data
 from ..synthetic import random_tree
-from . import runner
-from .hierarchy import COLLAPSE, LOSSES, METRICS, PAIRED, VERDICT_LOSSES, VERDICT_METRICS, class_means
+from . import hierarchy, runner
+from .hierarchy import LOSSES, VERDICT_LOSSES, VERDICT_METRICS, class_means
 from .training import (
     add_experiment_arguments,
     fit_tuned,
-    loss_table,
     make_loss,
     mlp,
     num_seeds,
     on_small_model_cpu,
-    paired_table,
     summarize,
     tree_metrics,
     verdict_counts,
@@ -407,32 +405,9 @@ def is_full(config: dict[str, Any]) -> bool:
 
 
 def group_report(group: str, by_loss: dict[str, list[dict[str, Any]]]) -> str:
-    """The markdown section of one (group, examples a class): metrics, paired differences, collapse and the
-    chosen hyper-parameters (as :func:`.hierarchy.group_report`)."""
+    """The markdown section of one (group, images a class): :func:`.hierarchy.group_report` under this group's title."""
     g, k = group.split("/")
-    losses = [loss for loss in LOSSES if loss in by_loss]
-    chosen_rows = []
-    for loss in losses:
-        ch = [r["chosen"] for r in by_loss[loss]]
-        hps = sorted({c["hp"] for c in ch if c["hp"] is not None})
-        chosen_rows.append(
-            [
-                loss,
-                ", ".join(f"{c['lr']:.2g}" for c in ch),
-                ", ".join(f"{h:g}" for h in hps) or "—",
-                ", ".join(str(c["best_epoch"]) for c in ch),
-            ]
-        )
-    return (
-        f"## {TITLES[g]}, {k} training images a class\n\n"
-        + loss_table(by_loss, losses, METRICS)
-        + "\n\n"
-        + (paired_table(by_loss, losses, PAIRED) + "\n\n" if "ce" in by_loss else "")
-        + loss_table(by_loss, losses, COLLAPSE)
-        + "\n\n"
-        + runner.markdown_table(["loss", "chosen lr (per seed)", "chosen hyper-parameter", "best epoch"], chosen_rows)
-        + "\n"
-    )
+    return hierarchy.group_report(group, by_loss, heading=f"{TITLES[g]}, {k} training images a class")
 
 
 def linear_report(group: str, results: dict[str, Any]) -> str:
@@ -482,18 +457,13 @@ def claim_summary(record: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], sizes: list[int], path: Path) -> None:
-    plt = runner.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, metric in zip(axes, ["top1", "lca_height", "hdist@5"]):
-        for loss in LOSSES:
-            sm = [summarize(results[f"imagenet/{k}"][loss], [metric])[metric] for k in sizes]
-            ax.errorbar(sizes, [m for m, _ in sm], yerr=[s for _, s in sm], marker="o", ms=3, capsize=2, label=loss)
-        ax.set_xscale("log")
-        ax.set_xlabel("training images a class")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
-    fig.suptitle("Proxy: frozen random generator on the ImageNet tree, CNN from scratch", fontsize=10)
-    runner.save_figure(fig, path)
+    hierarchy._plot(
+        results,
+        sizes,
+        path,
+        xlabel="training images a class",
+        title="Proxy: frozen random generator on the ImageNet tree, CNN from scratch",
+    )
 
 
 def _samples(cfg: dict[str, Any], path: Path, num_classes: int = 8, per_class: int = 6) -> None:
