@@ -50,7 +50,7 @@ def run_rows(
     key = (parallel, variant)
     if t > 1 and background_compile.ready(key, parallel):
         follow_torch_threads(t)
-        compile_notice.call((parallel, variant), parallel, n_units, t, *args)
+        compile_notice.call(key, parallel, n_units, t, *args)
         return
     compile_notice.call((kernel, variant), kernel, 0, n_units, *args)
     if t > 1:
