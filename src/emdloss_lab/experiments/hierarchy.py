@@ -183,14 +183,11 @@ def run(args: argparse.Namespace) -> int:
         units += [("imagenet", k, loss, s) for k in cfg["imagenet_per_class"] for loss in LOSSES]
         units += [(t, cfg["other_per_class"], loss, s) for t in cfg["other_trees"] for loss in LOSSES]
         units += [("digits", cfg["digits"]["per_class"], loss, s) for loss in LOSSES]
-    for t, k, loss, s in runner.progress(units, "hierarchy", enabled=not args.no_progress):
-        key = f"{t}/{k}/{loss}/{s}"
-        if key in ckpt:
-            continue
-        ckpt[key] = run_digits(k, loss, s, cfg) if t == "digits" else run_generated(t, k, loss, s, cfg)
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for t, k, loss, s in units:
-        results.setdefault(f"{t}/{k}", {}).setdefault(loss, []).append(ckpt[f"{t}/{k}/{loss}/{s}"])
+
+    def compute(t: str, k: int, loss: str, s: int) -> dict[str, Any]:
+        return run_digits(k, loss, s, cfg) if t == "digits" else run_generated(t, k, loss, s, cfg)
+
+    results = runner.run_units(ckpt, units, compute, "hierarchy", not args.no_progress)
 
     record = {"config": cfg, "results": results}
     header = runner.report_header("Hierarchical classification in the small-data regime", cfg)

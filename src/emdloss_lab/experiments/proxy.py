@@ -356,14 +356,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = num_seeds(args, 5)
     cfg = configuration(args.quick, seeds, args.smoke)
     ckpt = runner.Checkpoint(out, cfg, resume=args.resume)
-    todo = units(cfg)
-    for g, k, loss, s in runner.progress(todo, "proxy", enabled=not args.no_progress):
-        key = f"{g}/{k}/{loss}/{s}"
-        if key not in ckpt:
-            ckpt[key] = run_unit(g, k, loss, s, cfg)
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for g, k, loss, s in todo:
-        results.setdefault(f"{g}/{k}", {}).setdefault(loss, []).append(ckpt[f"{g}/{k}/{loss}/{s}"])
+    results = runner.run_units(
+        ckpt, units(cfg), lambda g, k, loss, s: run_unit(g, k, loss, s, cfg), "proxy", not args.no_progress
+    )
 
     record = {"config": cfg, "results": results}
     header = runner.report_header("Proxy: a frozen random generator on the ImageNet tree, CNN from scratch", cfg)

@@ -331,6 +331,25 @@ class Checkpoint:
         return len(self.done)
 
 
+def run_units(
+    ckpt: Checkpoint,
+    units: list[tuple[str, int, str, int]],
+    compute: Callable[[str, int, str, int], Any],
+    desc: str,
+    show_progress: bool = True,
+) -> dict[str, dict[str, list[Any]]]:
+    """Compute each unit ``(group, examples a class, loss, seed)`` not yet in ``ckpt`` with ``compute`` (checkpointed
+    under ``"group/k/loss/seed"``), then return every unit's result as ``{"group/k": {loss: [per seed]}}``."""
+    for g, k, loss, s in progress(units, desc, enabled=show_progress):
+        key = f"{g}/{k}/{loss}/{s}"
+        if key not in ckpt:
+            ckpt[key] = compute(g, k, loss, s)
+    results: dict[str, dict[str, list[Any]]] = {}
+    for g, k, loss, s in units:
+        results.setdefault(f"{g}/{k}", {}).setdefault(loss, []).append(ckpt[f"{g}/{k}/{loss}/{s}"])
+    return results
+
+
 # ---------------------------------------------------------------------- reports
 
 
