@@ -64,16 +64,14 @@ def compile_later(key: Hashable, parallel: Callable[..., None], args: tuple[obje
 
 
 def _compile(key: Hashable, parallel: Callable[..., None], signature: tuple[object, ...]) -> None:
+    outcome = _ready
     try:
         parallel.compile(signature)  # type: ignore[attr-defined]
     except Exception as exc:  # a twin that cannot compile leaves its variant on the serial kernel
         logger.debug("emdloss: the parallel kernel did not compile (%s); batches stay on one thread", exc)
-        with _lock:
-            _failed.add(key)
-            del _pending[key]
-        return
+        outcome = _failed
     with _lock:
-        _ready.add(key)
+        outcome.add(key)
         del _pending[key]
 
 

@@ -8,9 +8,9 @@ arguments: with ``*args`` a cold first call compiled for 9.5-10.2 s instead of 7
 :data:`PARALLEL_MIN_WORK` numbers a batch stays on the calling thread: waking numba's workers costs more than
 such a batch (it made 64 x 10 batches cost 3x cross-entropy), and the first call of a small batch compiles
 only the serial kernel. A big batch's first call does not wait for its twin either: it runs serially while the
-twin compiles in the background (:mod:`.background_compile`). Measured alternative, dropped: a Python thread pool around the serial kernels gained
-nothing at 256 x 1,000 on this 2-core VM (each of the two chunks ran 1.5x slower side by side), where numba's
-OpenMP workers do.
+twin compiles in the background (:mod:`.background_compile`). Measured alternative, dropped: a Python thread
+pool around the serial kernels gained nothing at 256 x 1,000 on this 2-core VM (each of the two chunks ran 1.5x
+slower side by side), where numba's OpenMP workers do.
 """
 
 from __future__ import annotations
