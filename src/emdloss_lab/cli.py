@@ -47,6 +47,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "ordinal": ("emdloss_lab.experiments.ordinal", "ordinal classification on real tables (chains)"),
     "hierarchy": ("emdloss_lab.experiments.hierarchy", "hierarchical classification, small-data regime (trees)"),
     "proxy": ("emdloss_lab.experiments.proxy", "small-data proxy: generated images on the ImageNet tree, CNN"),
+    "histograms": ("emdloss_lab.experiments.histograms", "relaxed vs exact EMD: learning histograms, test split"),
     "sinkhorn": (
         "emdloss_lab.experiments.sinkhorn_study",
         "Sinkhorn's bias, stability, gradients and cost vs exact EMD",

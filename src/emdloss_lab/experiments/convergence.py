@@ -75,13 +75,17 @@ def spectra_targets() -> np.ndarray:
     return x / x.sum(1, keepdims=True)
 
 
-def tree_targets(tree: Tree, n: int, rng: np.random.Generator, tau: float = 1.0) -> np.ndarray:
-    """(n, C) histograms ``∝ exp(-D_hops[y] / tau)`` around random classes ``y``."""
+def tree_histograms(tree: Tree, ys: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    """(n, C) histograms ``q ∝ exp(-D_hops[y, :] / tau)`` around the classes ``ys`` (n,)."""
     lca = tree.lca_depth(hops=True)
     dh = np.diag(lca)[:, None] + np.diag(lca)[None, :] - 2 * lca  # hop distances between classes
-    ys = rng.choice(tree.num_classes, size=n, replace=False)
-    q = np.exp(-dh[ys] / tau)
+    q = np.exp(-dh[np.asarray(ys)] / tau)
     return q / q.sum(1, keepdims=True)
+
+
+def tree_targets(tree: Tree, n: int, rng: np.random.Generator, tau: float = 1.0) -> np.ndarray:
+    """(n, C) histograms :func:`tree_histograms` around ``n`` distinct random classes."""
+    return tree_histograms(tree, rng.choice(tree.num_classes, size=n, replace=False), tau)
 
 
 def make_task(task: str, n: int, seed: int, tune: bool = False) -> tuple[Tree, torch.Tensor]:

@@ -452,6 +452,11 @@ RECORDED: dict[str, dict[str, str]] = {
         "command": "emdloss experiment hierarchy --out OUT",
         "cost": "estimated 8-20 h of CPU from --quick (29 s CPU; full: 240 units of 6 trials up to 60 epochs)",
     },
+    "histograms": {
+        "command": "emdloss experiment histograms --out OUT",
+        "cost": "estimated 40-60 min on one core (1,350 runs of 800 steps: 2 tasks x 5 seeds x 3 optimisers x 5 "
+        "losses x 9 learning rates)",
+    },
     "proxy": {
         "command": "emdloss experiment proxy --out OUT",
         "cost": "estimated 1.4-1.8 h on 1 core from measured units (imagenet/50 ce 52 s, emd 14 s, others 52-62 s; "
