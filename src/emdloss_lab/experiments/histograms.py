@@ -66,9 +66,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 GAP_LEFT = (0.5, 0.1, 0.05, 0.01)
 #: learning rates tried for each optimiser (half-decade steps); the same grid for every loss
 LR_GRIDS: dict[str, list[float]] = {
-    "sgd": [10 ** (k / 2) for k in range(-3, 6)],  # 0.03 .. 300: rho = 2 gradients are small
-    "momentum": [10 ** (k / 2) for k in range(-5, 4)],  # 0.003 .. 30
-    "adam": [10 ** (k / 2) for k in range(-8, 1)],  # 1e-4 .. 1
+    "sgd": [10 ** (k / 2) for k in range(-2, 5)],  # 0.1 .. 100: rho = 2 gradients are small
+    "momentum": [10 ** (k / 2) for k in range(-4, 3)],  # 0.01 .. 10
+    "adam": [10 ** (k / 2) for k in range(-7, 0)],  # 3e-4 .. 0.3
 }
 
 
@@ -211,7 +211,7 @@ def evaluations_to_gap(curve: list[float], reference: float, left: float) -> int
 
 def configuration(quick: bool, smoke: bool, seeds: int) -> dict[str, Any]:
     quick = quick or smoke
-    grids = {o: (g[2::4] if smoke else g[1::3] if quick else g) for o, g in LR_GRIDS.items()}
+    grids = {o: (g[1::4] if smoke else g[::3] if quick else g) for o, g in LR_GRIDS.items()}
     return {
         "experiment": "histograms",
         "seeds": seeds,
@@ -231,7 +231,7 @@ def configuration(quick: bool, smoke: bool, seeds: int) -> dict[str, Any]:
         "losses": list(LOSSES),
         "model": {"hidden": 128},
         "batch": 64,
-        "steps": 10 if smoke else 100 if quick else 800,
+        "steps": 10 if smoke else 100 if quick else 400,
         "eval_every": 5 if smoke else 10 if quick else 20,
         "lr_grids": grids,
         "lr_selection": "per seed, smallest mean log10(validation EMD) over the evaluations after step 0",
