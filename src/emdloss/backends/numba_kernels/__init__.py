@@ -124,8 +124,8 @@ def tree_rows(
     if lanes is not None and lanes.lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize):
         try:
             n_blocks = -(-n // lanes.LANES)
-            markers = lanes.block_markers(tree.is_chain, rho)
-            variant = (markers, x.dtype.char, soft is None, from_logits, need_grad)
+            markers = (*lanes.block_markers(tree.is_chain, rho), True if soft is not None else None)
+            variant = (markers, x.dtype.char, from_logits, need_grad)
             threads.run_rows(
                 lanes._lanes_kernel, lanes._lanes_parallel, n_blocks, work, *args, *markers, variant=variant
             )

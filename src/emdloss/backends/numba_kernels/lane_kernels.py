@@ -26,7 +26,6 @@ from .lanes import (
 from .row_ops import (
     BAD_LABEL,
     IGNORED,
-    NO_LABEL,
     _cost,
     _cost_pow,
     _dcost,
@@ -102,23 +101,26 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
 
 @njit(inline="always", fastmath=FASTMATH)
 def _chain_block(
-    p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, cost, dcost
+    p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft, cost, dcost
 ):  # pragma: no cover
     """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
     width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
-    is scratch. ``spacing[0]`` is 0: no edge below class 0."""
+    is scratch. ``spacing[0]`` is 0: no edge below class 0. ``soft``: True for distribution targets (rows of
+    ``q_flat``), None for class indices (``labels``); a compile-time marker, so each compiles only its own code."""
     width = spacing.shape[0]
     offsets = _row_offsets(width)
     suffix = lanes_fill(0.0)
     total = lanes_fill(0.0)
-    soft = labels[0] == NO_LABEL
     for jb in range(width - LANES, -1, -LANES):
         cols = lanes_columns(p, offsets, jb)
-        if soft:
+        if soft is not None:
             q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
         for c in range(LANES - 1, -1, -1):
             k = jb + c
-            suffix = suffix + (cols[c] - q_cols[c] if soft else cols[c] - lanes_one_hot(k, labels))
+            if soft is not None:
+                suffix = suffix + (cols[c] - q_cols[c])
+            else:
+                suffix = suffix + (cols[c] - lanes_one_hot(k, labels))
             total = total + cost(suffix, spacing[k], rho)
             if need_grad:
                 lanes_store(h, k * LANES, dcost(suffix, spacing[k], rho))
@@ -161,32 +163,33 @@ def _tree_block(
     g,
     tail,
     dots,
+    soft,
     cost,
     dcost,
 ):  # pragma: no cover
     """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
     width, ``slot.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane. ``mass`` (I * LANES),
     ``h`` (W * LANES), ``tail`` (LANES * LANES) and ``dots`` (LANES) are scratch. A class-index target's -1
-    is added at its label after the class pass, so that pass reads no target for them."""
+    is added at its label after the class pass, so that pass reads no target for them. ``soft``: as in
+    :func:`_chain_block`."""
     width = slot.shape[0]
     n_int = parent.shape[0]
     offsets = _row_offsets(width)
     mass[:] = 0.0
     total = lanes_fill(0.0)
-    soft = labels[0] == NO_LABEL
     for jb in range(0, width, LANES):
         cols = lanes_columns(p, offsets, jb)
-        if soft:
+        if soft is not None:
             q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
         for c in range(LANES):
             j = jb + c
-            d = cols[c] - q_cols[c] if soft else cols[c]
+            d = cols[c] - q_cols[c] if soft is not None else cols[c]
             s = slot[j] * LANES
             lanes_store(mass, s, lanes_load(mass, s) + d)
             total = total + cost(d, leaf_w[j], rho)
             if need_grad:
                 lanes_store(h, j * LANES, dcost(d, leaf_w[j], rho))
-    if not soft:  # the -1 of each row's one-hot target, at its label
+    if soft is None:  # the -1 of each row's one-hot target, at its label
         lanes_store(dots, 0, total)
         for lane in range(LANES):
             y = labels[lane]
@@ -222,29 +225,68 @@ def _tree_block(
 
 
 @njit(fastmath=FASTMATH)
-def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho1, _lanes_dcost_rho1
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        spacing,
+        rho,
+        need_grad,
+        h,
+        g,
+        tail,
+        soft,
+        _lanes_cost_rho1,
+        _lanes_dcost_rho1,
     )
 
 
 @njit(fastmath=FASTMATH)
-def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_rho2, _lanes_dcost_rho2
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        spacing,
+        rho,
+        need_grad,
+        h,
+        g,
+        tail,
+        soft,
+        _lanes_cost_rho2,
+        _lanes_dcost_rho2,
     )
 
 
 @njit(fastmath=FASTMATH)
-def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail):  # pragma: no cover
+def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, _lanes_cost_pow, _lanes_dcost_pow
+        p,
+        q_flat,
+        q_offsets,
+        labels,
+        n_cls,
+        spacing,
+        rho,
+        need_grad,
+        h,
+        g,
+        tail,
+        soft,
+        _lanes_cost_pow,
+        _lanes_dcost_pow,
     )
 
 
 @njit(fastmath=FASTMATH)
 def _tree_rho1(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
 ):  # pragma: no cover
     return _tree_block(
         p,
@@ -263,6 +305,7 @@ def _tree_rho1(
         g,
         tail,
         dots,
+        soft,
         _lanes_cost_rho1,
         _lanes_dcost_rho1,
     )
@@ -270,7 +313,7 @@ def _tree_rho1(
 
 @njit(fastmath=FASTMATH)
 def _tree_rho2(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
 ):  # pragma: no cover
     return _tree_block(
         p,
@@ -289,6 +332,7 @@ def _tree_rho2(
         g,
         tail,
         dots,
+        soft,
         _lanes_cost_rho2,
         _lanes_dcost_rho2,
     )
@@ -296,7 +340,7 @@ def _tree_rho2(
 
 @njit(fastmath=FASTMATH)
 def _tree_pow(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots
+    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
 ):  # pragma: no cover
     return _tree_block(
         p,
@@ -315,6 +359,7 @@ def _tree_pow(
         g,
         tail,
         dots,
+        soft,
         _lanes_cost_pow,
         _lanes_dcost_pow,
     )
@@ -362,10 +407,12 @@ def _lanes_kernel(
     use_tree_rho1,
     use_tree_rho2,
     use_tree_pow,
+    soft_targets,
 ):  # pragma: no cover
     """Row blocks ``[first, end)`` (rows ``LANES * first`` to ``LANES * end``), on the calling thread. For a chain ``weight`` holds the
     spacing. ``slot``, ``leaf_w`` and the spacing are padded to W, a multiple of LANES (see ``padded_width``).
-    The ``use_*`` arguments (:func:`block_markers`) name the one block function this call runs.
+    The ``use_*`` arguments (:func:`block_markers`) name the one block function this call runs, and
+    ``soft_targets`` (True for distribution targets ``q``, None for class indices ``y``) the half of it.
 
     Lanes past the last row repeat it; ignored rows and bad labels are computed against no target (their
     outputs are then overwritten).
@@ -389,9 +436,9 @@ def _lanes_kernel(
             _probabilities(x, i, from_logits, p, lane * width)
         lab = (labels[0], labels[1], labels[2], labels[3], labels[4], labels[5], labels[6], labels[7])
         q_offsets = (q_rows[0], q_rows[1], q_rows[2], q_rows[3], q_rows[4], q_rows[5], q_rows[6], q_rows[7])
-        chain_args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail)
+        chain_args = (p, q_flat, q_offsets, lab, n_cls, weight, rho, need_grad, h, g, tail, soft_targets)
         tree_args = (p, q_flat, q_offsets, lab, n_cls, slot, leaf_w, parent, weight, rho, need_grad)
-        scratch = (mass, h, g, tail, dots)
+        scratch = (mass, h, g, tail, dots, soft_targets)
         total = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         if use_chain_rho1 is not None:
             total = _chain_rho1(*chain_args)
@@ -440,6 +487,7 @@ def _lanes_parallel(
     use_tree_rho1,
     use_tree_rho2,
     use_tree_pow,
+    soft_targets,
 ):  # pragma: no cover
     """:func:`_lanes_kernel` over blocks ``[0, n_blocks)``, one chunk per thread (see :mod:`.threads`)."""
     for t in prange(threads):
@@ -467,6 +515,7 @@ def _lanes_parallel(
             use_tree_rho1,
             use_tree_rho2,
             use_tree_pow,
+            soft_targets,
         )
 
 

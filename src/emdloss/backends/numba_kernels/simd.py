@@ -52,6 +52,18 @@ def _float_from_bits(typingctx, bits, like):  # pragma: no cover - compiled
     return like(bits, like), codegen
 
 
+@compiled_intrinsic
+def _bits_of_float(typingctx, x):  # pragma: no cover - compiled
+    """The bits of the float ``x`` (float32 or float64) as a signed integer of the same width: a
+    reinterpretation, no conversion. (Cheaper to compile than an integer view of the array.)"""
+    width = 32 if x == types.float32 else 64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(width))
+
+    return (types.int32 if width == 32 else types.int64)(x), codegen
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def exp_f32(x):  # pragma: no cover - compiled
     """``exp(x)`` for float32 ``x <= 0`` (softmax arguments), Cephes ``expf``: x = n ln2 + r, |r| <= ln2/2."""
@@ -85,11 +97,11 @@ def row_max(row: npt.NDArray[np.floating[Any]]) -> float:  # pragma: no cover - 
 
 
 @njit(inline="always")
-def _max_through_ints(row, bits, lowest, shift, magnitude):  # pragma: no cover - compiled
-    """max(row) from ``bits``, its integer view: see :func:`row_max`."""
+def _max_through_ints(row, lowest, shift, magnitude):  # pragma: no cover - compiled
+    """max(row) through the integer bits of its elements: see :func:`row_max`."""
     top = lowest
-    for j in range(bits.shape[0]):
-        b = bits[j]
+    for j in range(row.shape[0]):
+        b = _bits_of_float(row[j])
         top = max(top, b ^ ((b >> shift) & magnitude))
     return _float_from_bits(top ^ ((top >> shift) & magnitude), row[0])
 
@@ -97,10 +109,8 @@ def _max_through_ints(row, bits, lowest, shift, magnitude):  # pragma: no cover 
 @overload(row_max, inline="always")
 def _row_max_overload(row):
     if row.dtype == types.float32:
-        return lambda row: _max_through_ints(
-            row, row.view(np.int32), np.int32(-(2**31)), np.int32(31), np.int32(2**31 - 1)
-        )
-    return lambda row: _max_through_ints(row, row.view(np.int64), np.int64(-(2**63)), np.int64(63), np.int64(2**63 - 1))
+        return lambda row: _max_through_ints(row, np.int32(-(2**31)), np.int32(31), np.int32(2**31 - 1))
+    return lambda row: _max_through_ints(row, np.int64(-(2**63)), np.int64(63), np.int64(2**63 - 1))
 
 
 def row_exp(x: float) -> float:  # pragma: no cover - replaced by the overload below inside compiled code
