@@ -227,61 +227,25 @@ def _tree_block(
 @njit(fastmath=FASTMATH)
 def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        spacing,
-        rho,
-        need_grad,
-        h,
-        g,
-        tail,
-        soft,
-        _lanes_cost_rho1,
-        _lanes_dcost_rho1,
-    )
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
+        _lanes_cost_rho1, _lanes_dcost_rho1,
+    )  # fmt: skip
 
 
 @njit(fastmath=FASTMATH)
 def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        spacing,
-        rho,
-        need_grad,
-        h,
-        g,
-        tail,
-        soft,
-        _lanes_cost_rho2,
-        _lanes_dcost_rho2,
-    )
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
+        _lanes_cost_rho2, _lanes_dcost_rho2,
+    )  # fmt: skip
 
 
 @njit(fastmath=FASTMATH)
 def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
     return _chain_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        spacing,
-        rho,
-        need_grad,
-        h,
-        g,
-        tail,
-        soft,
-        _lanes_cost_pow,
-        _lanes_dcost_pow,
-    )
+        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
+        _lanes_cost_pow, _lanes_dcost_pow,
+    )  # fmt: skip
 
 
 @njit(fastmath=FASTMATH)
