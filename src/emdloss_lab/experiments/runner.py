@@ -454,8 +454,8 @@ RECORDED: dict[str, dict[str, str]] = {
     },
     "histograms": {
         "command": "emdloss experiment histograms --out OUT",
-        "cost": "estimated 35-50 min on one core (1,050 runs of 400 steps: 2 tasks x 5 seeds x 3 optimisers x 5 "
-        "losses x 7 learning rates)",
+        "cost": "28 min at one torch thread on a shared 2-core machine (1,050 runs of 400 steps: 2 tasks x 5 seeds x "
+        "3 optimisers x 5 losses x 7 learning rates)",
     },
     "proxy": {
         "command": "emdloss experiment proxy --out OUT",
