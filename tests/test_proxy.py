@@ -24,7 +24,8 @@ def test_proxy_smoke(tmp_path, capsys) -> None:
     argv = ["experiment", "proxy", "--out", str(out), "--smoke", "--seeds", "2", "--no-progress"]
     assert main(argv) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("wrote report.md, results.json")
-    for name in ("report.md", "results.json", "provenance.json", "proxy_sweep.png", "proxy_samples.png"):
+    names = ("report.md", "results.json", "provenance.json", "proxy_sweep.png", "proxy_pareto.png", "proxy_samples.png")
+    for name in names:
         assert (out / name).exists(), name
     data = json.loads((out / "results.json").read_text())
     k = data["config"]["control_per_class"]

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     header = runner.report_header("Hierarchical classification in the small-data regime", cfg)
     runner.publish(out, record, [header, render(record)])
     _plot(results, cfg["imagenet_per_class"], out / "hierarchy_imagenet_sweep.png")
-    _pareto(results, out / "hierarchy_pareto.png")
+    pareto(results, out / "hierarchy_pareto.png")
     names = ["report.md", "results.json", "hierarchy_imagenet_sweep.png", "hierarchy_pareto.png"]
     runner.wrote(out, names, time.perf_counter() - t0)
     return 0
@@ -310,13 +310,20 @@ def _plot(
     runner.save_figure(fig, path)
 
 
-def _pareto(results: dict[str, Any], path: Path) -> None:
-    """Top-1 against mistake severity (LCA height), one panel a group, one point a loss (mean ± std)."""
+def pareto(results: dict[str, Any], path: Path, columns: int = 3) -> None:
+    """Top-1 against mistake severity (LCA height), one panel a group (``columns`` a row), one point a loss
+    (mean ± std over the seeds)."""
     plt = runner.pyplot()
     groups = list(results)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    rows = -(-len(groups) // columns)
+    cols = min(columns, len(groups))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.axis("off")
+    for ax, group in zip(axes.flat, groups):
         for i, loss in enumerate(LOSSES):
+            if loss not in results[group]:  # a control group may run some of the losses only
+                continue
             s = summarize(results[group][loss], ["top1", "lca_height"])
             ax.errorbar(
                 s["lca_height"][0], s["top1"][0], xerr=s["lca_height"][1], yerr=s["top1"][1], fmt="o", color=f"C{i}"
@@ -325,4 +332,5 @@ def _pareto(results: dict[str, Any], path: Path) -> None:
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("mistake severity (LCA height)")
         ax.set_ylabel("top-1")
+    fig.tight_layout()  # the titles of a lower row clear the axis labels above them
     runner.save_figure(fig, path)

@@ -364,8 +364,9 @@ def run(args: argparse.Namespace) -> int:
     header = runner.report_header("Proxy: a frozen random generator on the ImageNet tree, CNN from scratch", cfg)
     runner.publish(out, record, [header, verdicts(record), render(record)])
     _plot(results, cfg["per_class"], out / "proxy_sweep.png")
+    hierarchy.pareto(results, out / "proxy_pareto.png")
     _samples(cfg, out / "proxy_samples.png")
-    names = ["report.md", "results.json", "proxy_sweep.png", "proxy_samples.png"]
+    names = ["report.md", "results.json", "proxy_sweep.png", "proxy_pareto.png", "proxy_samples.png"]
     runner.wrote(out, names, time.perf_counter() - t0)
     return 0
 
