@@ -68,11 +68,8 @@ def test_tree_histograms_follow_hop_distances() -> None:
 
 def test_gap_and_area_rules() -> None:
     curve = [10.0, 6.0, 3.0, 2.2, 2.05]
-    assert histograms.evaluations_to_gap(curve, 2.0, 0.4) == 2  # 6.0 leaves 4 of the gap of 8, 3.0 leaves 1
-    assert (
-        histograms.evaluations_to_gap(curve, 2.0, 0.05) == 3
-        and histograms.evaluations_to_gap(curve, 2.0, 0.001) is None
-    )
+    assert convergence.steps_to(curve, 0.4, 2.0) == 2  # 6.0 leaves 4 of the gap of 8, 3.0 leaves 1
+    assert convergence.steps_to(curve, 0.05, 2.0) == 3 and convergence.steps_to(curve, 0.001, 2.0) is None
     assert histograms.log_area([10.0, 1.0, 0.1]) == pytest.approx(-0.5)
     assert histograms.log_area([1.0, 0.5, float("nan")]) == math.inf and histograms.log_area([1.0, 11.0]) == math.inf
 

@@ -145,10 +145,12 @@ def fit(
     return {"curve": curve, "seconds": seconds}
 
 
-def steps_to(curve: list[float], tol: float) -> int | None:
-    """First step whose EMD is <= tol * EMD at step 0 (None if never)."""
+def steps_to(curve: list[float], tol: float, reference: float = 0.0) -> int | None:
+    """First index whose EMD has at most ``tol`` of the gap between the start and ``reference`` left to close:
+    ``curve[t] - reference <= tol * (curve[0] - reference)`` (None if never). With the default reference 0: the
+    first step whose EMD is <= tol * EMD at step 0."""
     c = np.asarray(curve, dtype=np.float64)
-    hit = np.flatnonzero(c <= tol * c[0])
+    hit = np.flatnonzero(c - reference <= tol * (c[0] - reference))
     return int(hit[0]) if hit.size else None
 
 

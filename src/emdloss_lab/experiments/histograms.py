@@ -53,7 +53,7 @@ from emdloss.tree import Tree
 from ..bench.harness import wait_for_kernel_compiles
 from ..data import tiered_imagenet_tree
 from . import runner
-from .convergence import tree_histograms
+from .convergence import steps_to, tree_histograms
 from .hierarchy import class_means
 from .ordinal import load as load_table
 from .training import add_experiment_arguments, mlp, num_seeds, on_small_model_cpu, standardize, validation_split
@@ -201,14 +201,6 @@ def log_area(curve: list[float]) -> float:
     return float(np.mean(np.log10(np.maximum(c[1:], 1e-300))))
 
 
-def evaluations_to_gap(curve: list[float], reference: float, left: float) -> int | None:
-    """Index of the first evaluation whose EMD has at most ``left`` of the gap ``curve[0] - reference`` still to
-    close (None if never)."""
-    c = np.asarray(curve, dtype=np.float64)
-    hit = np.flatnonzero(c - reference <= left * (c[0] - reference))
-    return int(hit[0]) if hit.size else None
-
-
 def configuration(quick: bool, smoke: bool, seeds: int) -> dict[str, Any]:
     quick = quick or smoke
     grids = {o: (g[1::4] if smoke else g[::3] if quick else g) for o, g in LR_GRIDS.items()}
@@ -251,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         (t, o, loss, s, lr)
         for t in TASKS
         for s in range(seeds)
-        for o in OPTIMIZERS
+        for o in cfg["optimizers"]
         for loss in cfg["losses"]
         for lr in cfg["lr_grids"][o]
     ]
@@ -262,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         key = f"{t}/{o}/{loss}/{s}/{lr:.6g}"
         if key not in ckpt:
             ckpt[key] = train_curves(make_task(t, s, cfg), loss, o, lr, s, cfg)
-    results = summarize_runs({key: ckpt[key] for key in ckpt.done}, cfg)
+    results = summarize_runs(ckpt.done, cfg)
     record = {"config": cfg, "results": results}
     header = runner.report_header("Learning to predict histograms: test-split convergence, per-loss tuned rates", cfg)
     runner.publish(out, record, [header, verdicts(record), render(record)])
@@ -305,7 +297,7 @@ def summarize_runs(done: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
                     "test_curve": [r["test"] for r in runs],
                     "reference": refs,
                     "steps_to_gap": {
-                        str(g): [_steps(evaluations_to_gap(r["test"], ref, g), every) for r, ref in zip(runs, refs)]
+                        str(g): [_steps(steps_to(r["test"], g, ref), every) for r, ref in zip(runs, refs)]
                         for g in GAP_LEFT
                     },
                     "test_emd": [r["test"][e] for r, e in zip(runs, stop)],
