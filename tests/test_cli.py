@@ -230,6 +230,7 @@ def test_bad_option_values_are_usage_errors(capsys) -> None:
         ["demo", "--seeds", "0"],
         ["train-imagenet", "--root", ".", "--workers", "-1"],
         ["experiment", "ordinal", "--out", "x", "--seeds", "zero"],
+        ["experiment", "hierarchy", "--out", "x", "--workers", "0"],
     ):
         with pytest.raises(SystemExit) as exc:
             main(argv)

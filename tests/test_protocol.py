@@ -1,17 +1,20 @@
 """The training protocol (validation split, equal tuning budgets, early stopping), the paired bootstrap against
-scipy, the collapse diagnostics and `emdloss report` (records, pending notes, the generated block)."""
+scipy, the collapse diagnostics, `emdloss report` (records, pending notes, the generated block) and units run in
+worker processes."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from emdloss import Tree
+from emdloss import EMDLoss, Tree
 from emdloss_lab.cli import main
 from emdloss_lab.experiments import runner, training
 
@@ -265,3 +268,48 @@ def test_report_writes_the_readme_claims_summary_from_the_records(tmp_path) -> N
     line = next(x for x in text.splitlines() if x.startswith("- **convergence**"))
     assert "5 seeds" in line and "supported in 12, refuted in 0, inconclusive in 0 of 12 settings" in line
     assert all(f"- **{name}: pending.**" in text for name in runner.RECORDED if name != "convergence")
+
+
+def _seeded_unit(group: str, k: int, loss: str, seed: int) -> dict[str, Any]:
+    """A unit as the experiments compute one: seeded from the unit, then a few fused-kernel training steps."""
+    runner.seed_everything(seed * 1000 + k)
+    tree = Tree.chain(20)
+    x = torch.randn(16, 20, requires_grad=True)
+    y = torch.randint(0, 20, (16,))
+    value = EMDLoss(tree, rho=2.0 if loss == "relaxed" else 1.0)(x, y)
+    value.backward()
+    return {"loss": value.item(), "grad": x.grad.abs().sum().item(), "group": group}
+
+
+def _units() -> list[tuple[str, int, str, int]]:
+    return [(g, k, loss, s) for s in range(2) for g in ("a", "b") for k in (5, 7) for loss in ("emd", "relaxed")]
+
+
+def test_run_units_in_workers_gives_the_results_and_checkpoint_of_one_process(tmp_path) -> None:
+    config = {"experiment": "workers", "seeds": 2}
+    one = runner.run_units(runner.Checkpoint(tmp_path / "one", config), _units(), _seeded_unit, "t", False)
+    many = runner.run_units(runner.Checkpoint(tmp_path / "many", config), _units(), _seeded_unit, "t", False, 3)
+    assert many == one
+    assert list(many) == ["a/5", "a/7", "b/5", "b/7"] and len(many["a/5"]["emd"]) == 2  # units' order, not finish order
+    assert runner.Checkpoint(tmp_path / "many", config).done == runner.Checkpoint(tmp_path / "one", config).done
+
+
+def test_run_units_in_workers_computes_only_what_the_checkpoint_lacks_in_other_processes(tmp_path) -> None:
+    ckpt = runner.Checkpoint(tmp_path, {"experiment": "workers"})
+    ckpt["a/5/emd/0"] = "from an earlier session"
+    units = [("a", 5, "emd", 0), ("a", 5, "emd", 1), ("a", 5, "emd", 2)]
+    results = runner.run_units(ckpt, units, lambda *unit: os.getpid(), "t", False, 2)
+    first, *computed = results["a/5"]["emd"]
+    assert first == "from an earlier session"
+    assert all(isinstance(pid, int) and pid != os.getpid() for pid in computed)
+
+
+def test_run_units_in_workers_stops_with_a_units_error(tmp_path) -> None:
+    def compute(group: str, k: int, loss: str, seed: int) -> int:
+        if seed == 1:
+            raise ValueError(f"unit {seed} failed")
+        return seed
+
+    units = [("a", 5, "emd", s) for s in range(3)]
+    with pytest.raises(ValueError, match="unit 1 failed"):
+        runner.run_units(runner.Checkpoint(tmp_path, {"experiment": "workers"}), units, compute, "t", False, 2)

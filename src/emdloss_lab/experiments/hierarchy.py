@@ -50,6 +50,7 @@ from .. import data
 from . import runner
 from .training import (
     add_experiment_arguments,
+    add_workers_argument,
     fit_tuned,
     loss_table,
     make_loss,
@@ -78,6 +79,7 @@ def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser, default_seeds=5)
+    add_workers_argument(parser)
 
 
 def class_means(tree: Tree, dim: int, sigma_node: float, rng: np.random.Generator) -> np.ndarray:
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     def compute(t: str, k: int, loss: str, s: int) -> dict[str, Any]:
         return run_digits(k, loss, s, cfg) if t == "digits" else run_generated(t, k, loss, s, cfg)
 
-    results = runner.run_units(ckpt, units, compute, "hierarchy", not args.no_progress)
+    results = runner.run_units(ckpt, units, compute, "hierarchy", not args.no_progress, args.workers)
 
     record = {"config": cfg, "results": results}
     header = runner.report_header("Hierarchical classification in the small-data regime", cfg)

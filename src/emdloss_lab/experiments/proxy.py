@@ -85,6 +85,7 @@ from . import hierarchy, runner
 from .hierarchy import LOSSES, VERDICT_LOSSES, VERDICT_METRICS, class_means
 from .training import (
     add_experiment_arguments,
+    add_workers_argument,
     fit_tuned,
     make_loss,
     mlp,
@@ -113,6 +114,7 @@ def _top1(logits: Tensor, y: Tensor) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser, default_seeds=5)
+    add_workers_argument(parser)
 
 
 # ---------------------------------------------------------------------- classes and trees
@@ -357,7 +359,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = configuration(args.quick, seeds, args.smoke)
     ckpt = runner.Checkpoint(out, cfg, resume=args.resume)
     results = runner.run_units(
-        ckpt, units(cfg), lambda g, k, loss, s: run_unit(g, k, loss, s, cfg), "proxy", not args.no_progress
+        ckpt,
+        units(cfg),
+        lambda g, k, loss, s: run_unit(g, k, loss, s, cfg),
+        "proxy",
+        not args.no_progress,
+        args.workers,
     )
 
     record = {"config": cfg, "results": results}

@@ -17,13 +17,14 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,23 +332,60 @@ class Checkpoint:
         return len(self.done)
 
 
+Unit = tuple[str, int, str, int]  # (group, examples a class, loss, seed)
+
+
 def run_units(
     ckpt: Checkpoint,
-    units: list[tuple[str, int, str, int]],
+    units: list[Unit],
     compute: Callable[[str, int, str, int], Any],
     desc: str,
     show_progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, dict[str, list[Any]]]:
     """Compute each unit ``(group, examples a class, loss, seed)`` not yet in ``ckpt`` with ``compute`` (checkpointed
-    under ``"group/k/loss/seed"``), then return every unit's result as ``{"group/k": {loss: [per seed]}}``."""
-    for g, k, loss, s in progress(units, desc, enabled=show_progress):
-        key = f"{g}/{k}/{loss}/{s}"
-        if key not in ckpt:
-            ckpt[key] = compute(g, k, loss, s)
+    under ``"group/k/loss/seed"``), then return every unit's result as ``{"group/k": {loss: [per seed]}}``.
+
+    With ``workers`` > 1 the units run in that many forked processes (:func:`in_workers`) and are checkpointed as
+    they finish, in any order. The results are the same: ``compute`` must make a unit's result a function of the
+    unit alone (the experiments seed every trial from the unit's seed), and the returned dict follows ``units``."""
+    todo = [u for u in units if unit_key(u) not in ckpt]
+    done = in_workers(compute, todo, workers) if workers > 1 and len(todo) > 1 else ((u, compute(*u)) for u in todo)
+    for unit, result in progress(done, desc, total=len(todo), enabled=show_progress):
+        ckpt[unit_key(unit)] = result
     results: dict[str, dict[str, list[Any]]] = {}
-    for g, k, loss, s in units:
-        results.setdefault(f"{g}/{k}", {}).setdefault(loss, []).append(ckpt[f"{g}/{k}/{loss}/{s}"])
+    for unit in units:
+        g, k, loss, _ = unit
+        results.setdefault(f"{g}/{k}", {}).setdefault(loss, []).append(ckpt[unit_key(unit)])
     return results
+
+
+def unit_key(unit: Unit) -> str:
+    return "/".join(str(part) for part in unit)
+
+
+_worker_compute: Callable[..., Any] | None = None  # what forked workers run: set before the fork, inherited
+
+
+def _run_in_worker(unit: Unit) -> tuple[Unit, Any]:
+    assert _worker_compute is not None, "set by in_workers before the fork"
+    return unit, _worker_compute(*unit)
+
+
+def in_workers(compute: Callable[..., Any], units: list[Unit], workers: int) -> Iterator[tuple[Unit, Any]]:
+    """``(unit, compute(*unit))`` for every unit, computed in ``workers`` forked processes and yielded as each
+    finishes. Forked, so that ``compute`` (a closure over the run's configuration and data) need not be pickled,
+    and the workers inherit the caller's torch settings (threads, denormal flushing). A unit that raises stops
+    the run with its error; the units finished before it have been yielded (and checkpointed) already."""
+    global _worker_compute
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise UsageError("--workers needs processes started by fork (Linux); run with --workers 1")
+    _worker_compute = compute
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(units))) as pool:
+            yield from pool.imap_unordered(_run_in_worker, units)
+    finally:
+        _worker_compute = None
 
 
 # ---------------------------------------------------------------------- reports

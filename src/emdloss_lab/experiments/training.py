@@ -460,6 +460,17 @@ def add_experiment_arguments(parser: Any, default_seeds: int) -> None:
     )
 
 
+def add_workers_argument(parser: Any) -> None:
+    """``--workers N``, for experiments made of independent units (:func:`runner.run_units`)."""
+    parser.add_argument(
+        "--workers",
+        type=runner.positive_int,
+        default=1,
+        metavar="N",
+        help="run units in N processes, one torch thread each (Linux); the results are those of 1 process",
+    )
+
+
 def num_seeds(args: Any, default_seeds: int) -> int:
     n = args.seeds if args.seeds is not None else (2 if args.quick else default_seeds)
     if n < 1:
