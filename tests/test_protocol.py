@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +316,35 @@ def test_run_units_in_workers_stops_with_a_units_error(tmp_path) -> None:
     units = [("a", 5, "emd", s) for s in range(3)]
     with pytest.raises(ValueError, match="unit 1 failed"):
         runner.run_units(runner.Checkpoint(tmp_path, {"experiment": "workers"}), units, compute, "t", False, 2)
+
+
+_SLOW_UNITS_SCRIPT = """
+import os, sys, time
+from emdloss_lab.experiments import runner
+
+def compute(*unit):
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+
+try:
+    units = [("a", 1, "x", s) for s in range(4)]
+    runner.run_units(runner.Checkpoint(sys.argv[1], {"experiment": "t"}), units, compute, "t", False, 2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_sigterm_stops_the_workers_with_the_run_quietly(tmp_path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_UNITS_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers = {int(proc.stdout.readline()) for _ in range(2)}  # both workers are inside a unit
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert "interrupted" in out and "Traceback" not in err, err
+    for pid in workers:  # terminated with the pool, not left to finish their units
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -22,7 +22,9 @@ import os
 import platform
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -372,20 +374,39 @@ def _run_in_worker(unit: Unit) -> tuple[Unit, Any]:
     return unit, _worker_compute(*unit)
 
 
+def _worker_signals() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them, and die quietly of the parent's SIGTERM (not through
+    the handler they inherit): one message, no traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def in_workers(compute: Callable[..., Any], units: list[Unit], workers: int) -> Iterator[tuple[Unit, Any]]:
     """``(unit, compute(*unit))`` for every unit, computed in ``workers`` forked processes and yielded as each
     finishes. Forked, so that ``compute`` (a closure over the run's configuration and data) need not be pickled,
     and the workers inherit the caller's torch settings (threads, denormal flushing). A unit that raises stops
-    the run with its error; the units finished before it have been yielded (and checkpointed) already."""
+    the run with its error; the units finished before it have been yielded (and checkpointed) already.
+
+    Ctrl-C or SIGTERM stops the workers with the run (SIGTERM is raised as ``KeyboardInterrupt`` meanwhile, so that
+    the pool is terminated instead of leaving its workers to finish their units for nobody)."""
     global _worker_compute
     if "fork" not in multiprocessing.get_all_start_methods():
         raise UsageError("--workers needs processes started by fork (Linux); run with --workers 1")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     _worker_compute = compute
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(units))) as pool:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(units)), initializer=_worker_signals) as pool:
             yield from pool.imap_unordered(_run_in_worker, units)
     finally:
         _worker_compute = None
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------- reports
