@@ -509,7 +509,8 @@ RECORDED: dict[str, dict[str, str]] = {
     },
     "hierarchy": {
         "command": "emdloss experiment hierarchy --out OUT",
-        "cost": "estimated 8-20 h of CPU from --quick (29 s CPU; full: 240 units of 6 trials up to 60 epochs)",
+        "cost": "estimated 8-20 h of CPU from --quick (29 s CPU; full: 240 units of 6 trials up to 60 epochs); "
+        "--workers N spreads the units over N cores",
     },
     "histograms": {
         "command": "emdloss experiment histograms --out OUT",
