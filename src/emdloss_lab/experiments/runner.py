@@ -363,6 +363,7 @@ def run_units(
 
 
 def unit_key(unit: Unit) -> str:
+    """The checkpoint key of a unit: ``"group/k/loss/seed"``."""
     return "/".join(str(part) for part in unit)
 
 
@@ -388,7 +389,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def in_workers(compute: Callable[..., Any], units: list[Unit], workers: int) -> Iterator[tuple[Unit, Any]]:
     """``(unit, compute(*unit))`` for every unit, computed in ``workers`` forked processes and yielded as each
     finishes. Forked, so that ``compute`` (a closure over the run's configuration and data) need not be pickled,
-    and the workers inherit the caller's torch settings (threads, denormal flushing). A unit that raises stops
+    and the workers inherit the caller's torch settings (threads, denormal flushing: the experiments call this under
+    one torch thread, as a forked child of a multi-threaded parent should run). A unit that raises stops
     the run with its error; the units finished before it have been yielded (and checkpointed) already.
 
     Ctrl-C or SIGTERM stops the workers with the run (SIGTERM is raised as ``KeyboardInterrupt`` meanwhile, so that
@@ -405,8 +407,8 @@ def in_workers(compute: Callable[..., Any], units: list[Unit], workers: int) -> 
             yield from pool.imap_unordered(_run_in_worker, units)
     finally:
         _worker_compute = None
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: the handler was not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 # ---------------------------------------------------------------------- reports
