@@ -131,3 +131,21 @@ def test_cuda_ratios(tmp_path):
     assert not any(m.startswith("emd fused") for m in timed)
     assert result["machine"]["device"] == "cuda" and not result["scaling"] and not result["memory"]
     assert timed["emd torch rho=2"]["rel_diff_vs_reference"] < 1e-5
+
+
+def test_cold_start_child_reports_the_distance_table_where_the_call_builds_one(capsys):
+    """The cold-start probe's child (run here in-process on small trees): first and second call times, plus the
+    table time for hard rho = 1 calls, which build the (C, C) distance table; the table shows both kinds of row."""
+    from emdloss_lab.bench.first_use import cold_start_child, cold_table
+
+    rows = []
+    for kind, target, rho in (("tree", "hard", 1.0), ("chain", "hard", 2.0)):
+        cold_start_child(kind, 20, target, rho, 8)
+        times = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert all(times[k] >= 0 for k in ("first_s", "first_cpu_s", "second_s"))
+        assert ("table_s" in times) == (rho == 1.0)
+        rows.append({"tree": kind, "classes": 20, "target": target, "rho": rho, "cold": times, "cached": times})
+    lines = cold_table(rows).splitlines()
+    assert all(line.count("|") == 9 for line in lines)
+    assert lines[2].rstrip("|").split("|")[-1].strip() == f"{rows[0]['cold']['table_s']:.2f}"
+    assert lines[3].rstrip("|").split("|")[-1].strip() == ""

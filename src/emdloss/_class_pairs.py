@@ -11,9 +11,11 @@ if TYPE_CHECKING:
     from .tree import Tree
 
 
-def class_pairs(tree: Tree, lca_value: np.ndarray | None = None) -> np.ndarray:
-    """(C, C) float64 over all pairs of classes: the length of the path between them, or with ``lca_value``
-    (num_nodes,) the value at their lowest common ancestor (each class's own value on the diagonal).
+def class_pairs(tree: Tree, lca_value: np.ndarray | None = None, dtype: np.dtype | type = np.float64) -> np.ndarray:
+    """(C, C) ``dtype`` array over all pairs of classes: the length of the path between them, or with ``lca_value``
+    (num_nodes,) the value at their lowest common ancestor (each class's own value on the diagonal). Lengths are
+    summed in float64 and rounded once to ``dtype``: a float32 table equals the float64 one cast to float32, built
+    without the float64 one (half the memory and the writes: 64 MiB instead of 192 at 4,096 classes).
 
     Lengths are sums of edge lengths, never differences of depths (``depth a + depth b - 2 depth lca`` cancels
     short edges below a long one). Sorted by DFS position, the classes under a node fill a range of slots. Going up
@@ -37,15 +39,15 @@ def class_pairs(tree: Tree, lca_value: np.ndarray | None = None) -> np.ndarray:
     for p in keys:  # in pre-order, so each list is in increasing slots
         kids.setdefault(kpar[p], []).append(p)
     lo_l, hi_l = lo.tolist(), hi.tolist()
-    out = np.empty((c, c))
+    out = np.empty((c, c), dtype=dtype)
     down = np.zeros(c)  # a key node with one class below is that class: it starts at its distance to its parent
     single = [p for p in keys if hi_l[p] - lo_l[p] == 1]
     down[lo[single]] = [up[p] for p in single]
     value = None if lca_value is None else np.asarray(lca_value, dtype=np.float64)[pre].tolist()
 
     def pairs(rows: slice, cols: slice, v: int) -> None:
-        if value is None:
-            np.add(down[rows, None], down[None, cols], out=out[rows, cols])
+        if value is None:  # summed in float64, rounded once into out's dtype
+            np.add(down[rows, None], down[None, cols], out=out[rows, cols], casting="same_kind")
         else:
             out[rows, cols] = value[v]
 

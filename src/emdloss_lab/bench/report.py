@@ -202,7 +202,10 @@ def report(result: dict[str, Any], cfg: Config) -> str:
         parts.append(
             "## First call (cold start)\n\nFirst forward+backward of the default backend in a fresh process "
             f"(batch {result['cold_start'][0]['batch']}), with an empty numba cache (`NUMBA_CACHE_DIR`), then again "
-            "with the cache that run filled. Import time is not included.\n\n" + cold_table(result["cold_start"]) + "\n"
+            "with the cache that run filled. Import time is not included. Distance table: building the (C, C) table of "
+            "the hard rho = 1 kernel again for an uncached copy of the tree (the first call includes it).\n\n"
+            + cold_table(result["cold_start"])
+            + "\n"
         )
     return "\n".join(parts)
 

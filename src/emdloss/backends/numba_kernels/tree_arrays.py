@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..._class_pairs import class_pairs
 from ...tree import Tree, _fill_depth
 from ..base import loss_weights
 
@@ -91,9 +92,8 @@ def distance_rows(tree: Tree, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         below = tree.preorder[1:]
         depth = np.zeros(tree.num_nodes)
         _fill_depth(depth, tree.preorder, tree.parents[below], loss_weights(tree)[below])  # sums along paths
-        return (
-            np.ascontiguousarray(tree.distance_matrix(), dtype=dtype),
-            np.ascontiguousarray(depth[tree.classes], dtype=dtype),
-        )
+        # built in dtype directly, not cast from tree.distance_matrix(): that float64 table would stay cached
+        # on the tree too (3x the memory)
+        return class_pairs(tree, dtype=dtype), np.ascontiguousarray(depth[tree.classes], dtype=dtype)
 
     return tree.cached(("numba_distance", np.dtype(dtype).str), build)
