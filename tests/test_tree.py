@@ -273,6 +273,32 @@ def test_losses_see_short_edges_below_long_ones(dtype: str, backend: str) -> Non
         assert loss.dtype == dt and float(loss) == pytest.approx(expected, rel=rtol)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_large_tables_are_permuted_to_class_order_correctly(dtype: type) -> None:
+    """Tables of over a thousand classes in random output order go through the in-place permutation in several
+    row blocks: sampled pairs against ancestor walks, and the LCA table against the LCA nodes' depths."""
+    from emdloss._class_pairs import class_pairs
+
+    rng = np.random.default_rng(5)
+    tree = random_tree(rng, 3000, internal_classes=True)
+    block_rows = (1 << 22) // (tree.num_classes * np.dtype(dtype).itemsize)  # _permute_in_place's 4 MiB blocks
+    assert tree.num_classes > 2 * block_rows
+    d = class_pairs(tree, dtype=dtype)
+    lca = tree.lca_depth(hops=True)
+    parents, weights, depth = tree.parents.tolist(), tree.weights.tolist(), tree.depth(hops=True)
+    for a, b in rng.integers(0, tree.num_classes, size=(300, 2)).tolist():
+        up_a, node = {}, int(tree.classes[a])
+        length = 0.0
+        while node >= 0:  # ancestors of a with their distance to a
+            up_a[node] = length
+            length, node = length + weights[node], parents[node]
+        node, length = int(tree.classes[b]), 0.0
+        while node not in up_a:
+            length, node = length + weights[node], parents[node]
+        assert d[a, b] == pytest.approx(up_a[node] + length, rel=1e-6 if dtype == np.float32 else 1e-12)
+        assert lca[a, b] == depth[node]
+
+
 def test_distance_matrix_writes_each_pair_once_whatever_the_depth(monkeypatch) -> None:
     """O(C^2) whatever the depth: the table is written in blocks, each pair of distinct classes once, so at most C^2
     entries in all (painting each class's ancestors, O(C^2 * depth), took 4.4 s for a 2,048-class chain).

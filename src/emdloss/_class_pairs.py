@@ -69,7 +69,31 @@ def class_pairs(tree: Tree, lca_value: np.ndarray | None = None, dtype: np.dtype
                 pairs(slice(a, b), slice(first, a), v)
                 pairs(slice(first, a), slice(a, b), v)
     out[np.arange(c), np.arange(c)] = 0.0 if value is None else np.asarray(value)[sorted_pos]
-    if np.array_equal(order, np.arange(c)):
-        return out
-    slot = np.argsort(order)  # the slot of each class
-    return out.take(slot, axis=0).take(slot, axis=1, out=out)
+    if not np.array_equal(order, np.arange(c)):
+        _permute_in_place(out, np.argsort(order))  # argsort(order): the slot of each class
+    return out
+
+
+def _permute_in_place(table: np.ndarray, slot: np.ndarray) -> None:
+    """``table <- table[slot][:, slot]`` without a second (C, C) table (whose fresh pages cost more than the
+    copy): the columns a few rows at a time through a small buffer, then the rows along the cycles of ``slot``."""
+    c = table.shape[0]
+    block = max(1, (1 << 22) // (c * table.itemsize))  # rows in 4 MiB
+    buffer = np.empty((block, c), dtype=table.dtype)
+    for first in range(0, c, block):
+        rows = table[first : first + block]
+        np.take(rows, slot, axis=1, out=buffer[: len(rows)])
+        rows[...] = buffer[: len(rows)]
+    row = buffer[0]
+    moved = np.zeros(c, dtype=bool)
+    for start in np.flatnonzero(slot != np.arange(c)).tolist():
+        if moved[start]:
+            continue
+        row[...] = table[start]  # new row i is old row slot[i]: walk the cycle through start
+        i = start
+        while slot[i] != start:
+            table[i] = table[slot[i]]
+            moved[i] = True
+            i = slot[i]
+        table[i] = row
+        moved[i] = True
