@@ -323,7 +323,7 @@ import os, sys, time
 from emdloss_lab.experiments import runner
 
 def compute(*unit):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # one write: two workers' lines never interleave
     time.sleep(60)
 
 try:
