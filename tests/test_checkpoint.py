@@ -5,6 +5,7 @@ through ``save_hyperparameters`` / ``load_from_checkpoint``."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import io
 import pickle
@@ -88,27 +89,35 @@ def test_a_tree_tampered_with_in_a_checkpoint_is_refused_by_the_constructor() ->
 
 # ---------------------------------------------------------------------- pytorch-lightning
 
-pl = pytest.importorskip("pytorch_lightning", reason="pip install emdloss[test] (pytorch-lightning)")
+# Imported by the test, not at collection: pytorch_lightning takes 3-4 s to import, which every pytest-xdist
+# worker would pay when it collects this module.
 
 
-class HierarchyClassifier(pl.LightningModule):
-    """A tiny classifier whose hyperparameters include the class tree."""
+@functools.cache
+def lightning():
+    """(pytorch_lightning, a tiny classifier class whose hyperparameters include the class tree)."""
+    pl = pytest.importorskip("pytorch_lightning", reason="pip install emdloss[test] (pytorch-lightning)")
 
-    def __init__(self, tree: Tree, rho: float = 1.0, lr: float = 0.1) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Linear(4, tree.num_classes)
-        self.criterion = EMDLoss(tree, rho=rho, weight=torch.linspace(0.5, 2.0, tree.num_classes))
+    class HierarchyClassifier(pl.LightningModule):
+        """A tiny classifier whose hyperparameters include the class tree."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.criterion(self.net(x), y)
+        def __init__(self, tree: Tree, rho: float = 1.0, lr: float = 0.1) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Linear(4, tree.num_classes)
+            self.criterion = EMDLoss(tree, rho=rho, weight=torch.linspace(0.5, 2.0, tree.num_classes))
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.criterion(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    return pl, HierarchyClassifier
 
 
-def _weights_only() -> dict:
+def _weights_only(pl) -> dict:
     """``weights_only=True`` where Lightning takes it (2.4+); older ones pass torch.load's default (True in 2.6+)."""
     return (
         {"weights_only": True}
@@ -118,6 +127,7 @@ def _weights_only() -> dict:
 
 
 def _trained_checkpoint(tmp_path, tree: Tree):
+    pl, HierarchyClassifier = lightning()
     torch.manual_seed(0)
     model = HierarchyClassifier(tree, rho=2.0)
     before = model.net.weight.detach().clone()
@@ -137,8 +147,9 @@ def _trained_checkpoint(tmp_path, tree: Tree):
 def test_lightning_save_hyperparameters_and_load_from_checkpoint_round_trip(tmp_path) -> None:
     tree = _tree()
     model, path = _trained_checkpoint(tmp_path, tree)
+    pl, HierarchyClassifier = lightning()
     with torch.serialization.safe_globals([emdloss.Tree]):  # what the docs tell users to do
-        loaded = HierarchyClassifier.load_from_checkpoint(path, **_weights_only())
+        loaded = HierarchyClassifier.load_from_checkpoint(path, **_weights_only(pl))
     assert loaded.hparams.tree == tree and loaded.hparams.rho == 2.0
     assert loaded.criterion.tree == tree and loaded.criterion.rho == 2.0
     assert torch.equal(loaded.criterion.weight, model.criterion.weight)
@@ -152,4 +163,4 @@ def test_lightning_save_hyperparameters_and_load_from_checkpoint_round_trip(tmp_
         torch.serialization.safe_globals([emdloss.Tree]),
         pytest.raises(ValueError, match=r"differ in classes: class 0 is node 3 \('cat'\) here and node 2 \('dog'\)"),
     ):
-        HierarchyClassifier.load_from_checkpoint(path, tree=other, **_weights_only())
+        HierarchyClassifier.load_from_checkpoint(path, tree=other, **_weights_only(pl))
