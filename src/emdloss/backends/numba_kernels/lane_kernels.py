@@ -6,6 +6,8 @@ batches of 8 rows and more (:func:`lanes_pay_off`). The sweeps are those of :mod
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -26,10 +28,12 @@ from .lanes import (
 from .row_ops import (
     BAD_LABEL,
     IGNORED,
-    _cost,
     _cost_pow,
-    _dcost,
+    _cost_rho1,
+    _cost_rho2,
     _dcost_pow,
+    _dcost_rho1,
+    _dcost_rho2,
     _finish_gradient,
     _label,
     _probabilities,
@@ -99,234 +103,136 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
     return lanes_columns(tail, _row_offsets(LANES), 0)
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _chain_block(
-    p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft, cost, dcost
-):  # pragma: no cover
-    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
-    width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
-    is scratch. ``spacing[0]`` is 0: no edge below class 0. ``soft``: True for distribution targets (rows of
-    ``q_flat``), None for class indices (``labels``); a compile-time marker, so each compiles only its own code."""
-    width = spacing.shape[0]
-    offsets = _row_offsets(width)
-    suffix = lanes_fill(0.0)
-    total = lanes_fill(0.0)
-    for jb in range(width - LANES, -1, -LANES):
-        cols = lanes_columns(p, offsets, jb)
-        if soft is not None:
-            q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
-        for c in range(LANES - 1, -1, -1):
-            k = jb + c
-            if soft is not None:
-                suffix = suffix + (cols[c] - q_cols[c])
-            else:
-                suffix = suffix + (cols[c] - lanes_one_hot(k, labels))
-            total = total + cost(suffix, spacing[k], rho)
-            if need_grad:
-                lanes_store(h, k * LANES, dcost(suffix, spacing[k], rho))
-    if need_grad:  # dL/dp_k = sum of h over the edges 1..k: a prefix sum
-        acc = lanes_fill(0.0)
-        for jb in range(0, width, LANES):
-            g0 = acc + lanes_load(h, jb * LANES)
-            g1 = g0 + lanes_load(h, (jb + 1) * LANES)
-            g2 = g1 + lanes_load(h, (jb + 2) * LANES)
-            g3 = g2 + lanes_load(h, (jb + 3) * LANES)
-            g4 = g3 + lanes_load(h, (jb + 4) * LANES)
-            g5 = g4 + lanes_load(h, (jb + 5) * LANES)
-            g6 = g5 + lanes_load(h, (jb + 6) * LANES)
-            acc = g6 + lanes_load(h, (jb + 7) * LANES)
-            lanes_store_columns(g, offsets, jb, (g0, g1, g2, g3, g4, g5, g6, acc))
-    return lanes_to_tuple(total)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _path_gradient(h, mass, slot, j):  # pragma: no cover
-    """dL/dp_j in lanes: the leaf edge's part plus G of the node above."""
-    return lanes_load(h, j * LANES) + lanes_load(mass, slot[j] * LANES)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _tree_block(
-    p,
-    q_flat,
-    q_offsets,
-    labels,
-    n_cls,
-    slot,
-    leaf_w,
-    parent,
-    weight,
-    rho,
-    need_grad,
-    mass,
-    h,
-    g,
-    tail,
-    dots,
-    soft,
-    cost,
-    dcost,
-):  # pragma: no cover
-    """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
-    width, ``slot.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane. ``mass`` (I * LANES),
-    ``h`` (W * LANES), ``tail`` (LANES * LANES) and ``dots`` (LANES) are scratch. A class-index target's -1
-    is added at its label after the class pass, so that pass reads no target for them. ``soft``: as in
-    :func:`_chain_block`."""
-    width = slot.shape[0]
-    n_int = parent.shape[0]
-    offsets = _row_offsets(width)
-    mass[:] = 0.0
-    total = lanes_fill(0.0)
-    for jb in range(0, width, LANES):
-        cols = lanes_columns(p, offsets, jb)
-        if soft is not None:
-            q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
-        for c in range(LANES):
-            j = jb + c
-            d = cols[c] - q_cols[c] if soft is not None else cols[c]
-            s = slot[j] * LANES
-            lanes_store(mass, s, lanes_load(mass, s) + d)
-            total = total + cost(d, leaf_w[j], rho)
-            if need_grad:
-                lanes_store(h, j * LANES, dcost(d, leaf_w[j], rho))
-    if soft is None:  # the -1 of each row's one-hot target, at its label
-        lanes_store(dots, 0, total)
-        for lane in range(LANES):
-            y = labels[lane]
-            if y >= 0:
-                py = float(p[lane * width + y])
-                mass[slot[y] * LANES + lane] -= 1.0
-                dots[lane] += _cost(py - 1.0, leaf_w[y], rho) - _cost(py, leaf_w[y], rho)
-                if need_grad:
-                    h[y * LANES + lane] = _dcost(py - 1.0, leaf_w[y], rho)
-        total = lanes_load(dots, 0)
-    for k in range(n_int - 1, 0, -1):
-        s = parent[k] * LANES
-        lanes_store(mass, s, lanes_load(mass, s) + lanes_load(mass, k * LANES))
-    lanes_store(mass, 0, lanes_fill(0.0))  # mass becomes G: the sum of dcost over the edges up to the root
-    for k in range(1, n_int):
-        f = lanes_load(mass, k * LANES)
-        total = total + cost(f, weight[k], rho)
-        lanes_store(mass, k * LANES, lanes_load(mass, parent[k] * LANES) + dcost(f, weight[k], rho))
-    if need_grad:
-        for jb in range(0, width, LANES):
-            lanes_store_columns(g, offsets, jb, (
-                _path_gradient(h, mass, slot, jb), _path_gradient(h, mass, slot, jb + 1),
-                _path_gradient(h, mass, slot, jb + 2), _path_gradient(h, mass, slot, jb + 3),
-                _path_gradient(h, mass, slot, jb + 4), _path_gradient(h, mass, slot, jb + 5),
-                _path_gradient(h, mass, slot, jb + 6), _path_gradient(h, mass, slot, jb + 7),
-            ))  # fmt: skip
-    return lanes_to_tuple(total)
-
-
-# One compiled copy of each block per exponent class. Separate functions, not inlined into the kernel:
+# One compiled block per tree kind and exponent class, each a separate function, not inlined into the kernel:
 # LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
-# A call compiles only the block it runs (see block_markers).
+# A call compiles only the block it runs (see block_markers). The factories close over the cost functions rather
+# than taking them as arguments of one ``inline="always"`` block: numba's inliner copies a block's IR at every
+# call site, about 0.5 s of each first compile.
 
 
-@njit(fastmath=FASTMATH)
-def _chain_rho1(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
-    return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
-        _lanes_cost_rho1, _lanes_dcost_rho1,
-    )  # fmt: skip
+def _chain_block(cost: Callable[..., Any], dcost: Callable[..., Any]) -> Callable[..., Any]:
+    """The chain block for one lane cost pair (:func:`_lanes_cost_rho1` ...)."""
+
+    @njit(fastmath=FASTMATH)
+    def block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
+        """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
+        width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
+        is scratch. ``spacing[0]`` is 0: no edge below class 0. ``soft``: True for distribution targets (rows of
+        ``q_flat``), None for class indices (``labels``); a compile-time marker, so each compiles only its own code.
+        ``cost``, ``dcost``: the block's lane cost pair (closed over, see :func:`_chain_block`)."""
+        width = spacing.shape[0]
+        offsets = _row_offsets(width)
+        suffix = lanes_fill(0.0)
+        total = lanes_fill(0.0)
+        for jb in range(width - LANES, -1, -LANES):
+            cols = lanes_columns(p, offsets, jb)
+            if soft is not None:
+                q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
+            for c in range(LANES - 1, -1, -1):
+                k = jb + c
+                if soft is not None:
+                    suffix = suffix + (cols[c] - q_cols[c])
+                else:
+                    suffix = suffix + (cols[c] - lanes_one_hot(k, labels))
+                total = total + cost(suffix, spacing[k], rho)
+                if need_grad:
+                    lanes_store(h, k * LANES, dcost(suffix, spacing[k], rho))
+        if need_grad:  # dL/dp_k = sum of h over the edges 1..k: a prefix sum
+            acc = lanes_fill(0.0)
+            for jb in range(0, width, LANES):
+                g0 = acc + lanes_load(h, jb * LANES)
+                g1 = g0 + lanes_load(h, (jb + 1) * LANES)
+                g2 = g1 + lanes_load(h, (jb + 2) * LANES)
+                g3 = g2 + lanes_load(h, (jb + 3) * LANES)
+                g4 = g3 + lanes_load(h, (jb + 4) * LANES)
+                g5 = g4 + lanes_load(h, (jb + 5) * LANES)
+                g6 = g5 + lanes_load(h, (jb + 6) * LANES)
+                acc = g6 + lanes_load(h, (jb + 7) * LANES)
+                lanes_store_columns(g, offsets, jb, (g0, g1, g2, g3, g4, g5, g6, acc))
+        return lanes_to_tuple(total)
+
+    return block
 
 
-@njit(fastmath=FASTMATH)
-def _chain_rho2(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
-    return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
-        _lanes_cost_rho2, _lanes_dcost_rho2,
-    )  # fmt: skip
+def _tree_block(
+    cost: Callable[..., Any],
+    dcost: Callable[..., Any],
+    scalar_cost: Callable[..., Any],
+    scalar_dcost: Callable[..., Any],
+) -> Callable[..., Any]:
+    """The tree block for one lane cost pair and its scalar twin (:func:`.row_ops._cost_rho1` ...)."""
+
+    @njit(fastmath=FASTMATH)
+    def block(
+        p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
+    ):  # pragma: no cover
+        """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
+        width, ``slot.shape[0]``). ``cost``, ``dcost`` (closed over, see :func:`_chain_block`): the block's lane cost
+        pair; ``scalar_cost``, ``scalar_dcost``: the same pair for one number (:mod:`.row_ops`), for the class-index
+        corrections. With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane. ``mass`` (I * LANES),
+        ``h`` (W * LANES), ``tail`` (LANES * LANES) and ``dots`` (LANES) are scratch. A class-index target's -1
+        is added at its label after the class pass, so that pass reads no target for them. ``soft``: as in
+        :func:`_chain_block`."""
+        width = slot.shape[0]
+        n_int = parent.shape[0]
+        offsets = _row_offsets(width)
+        mass[:] = 0.0
+        total = lanes_fill(0.0)
+        for jb in range(0, width, LANES):
+            cols = lanes_columns(p, offsets, jb)
+            if soft is not None:
+                q_cols = _target_columns(q_flat, q_offsets, jb, n_cls, tail)
+            for c in range(LANES):
+                j = jb + c
+                d = cols[c] - q_cols[c] if soft is not None else cols[c]
+                s = slot[j] * LANES
+                lanes_store(mass, s, lanes_load(mass, s) + d)
+                total = total + cost(d, leaf_w[j], rho)
+                if need_grad:
+                    lanes_store(h, j * LANES, dcost(d, leaf_w[j], rho))
+        if soft is None:  # the -1 of each row's one-hot target, at its label
+            lanes_store(dots, 0, total)
+            for lane in range(LANES):
+                y = labels[lane]
+                if y >= 0:
+                    py = float(p[lane * width + y])
+                    mass[slot[y] * LANES + lane] -= 1.0
+                    dots[lane] += scalar_cost(py - 1.0, leaf_w[y], rho) - scalar_cost(py, leaf_w[y], rho)
+                    if need_grad:
+                        h[y * LANES + lane] = scalar_dcost(py - 1.0, leaf_w[y], rho)
+            total = lanes_load(dots, 0)
+        for k in range(n_int - 1, 0, -1):
+            s = parent[k] * LANES
+            lanes_store(mass, s, lanes_load(mass, s) + lanes_load(mass, k * LANES))
+        lanes_store(mass, 0, lanes_fill(0.0))  # mass becomes G: the sum of dcost over the edges up to the root
+        for k in range(1, n_int):
+            f = lanes_load(mass, k * LANES)
+            total = total + cost(f, weight[k], rho)
+            lanes_store(mass, k * LANES, lanes_load(mass, parent[k] * LANES) + dcost(f, weight[k], rho))
+        if need_grad:  # dL/dp_j in lanes: the leaf edge's part plus G of the node above (written out: an inlined
+            # helper would be copied eight times by numba's inliner, which is slow to compile)
+            for jb in range(0, width, LANES):
+                lanes_store_columns(g, offsets, jb, (
+                    lanes_load(h, jb * LANES) + lanes_load(mass, slot[jb] * LANES),
+                    lanes_load(h, (jb + 1) * LANES) + lanes_load(mass, slot[jb + 1] * LANES),
+                    lanes_load(h, (jb + 2) * LANES) + lanes_load(mass, slot[jb + 2] * LANES),
+                    lanes_load(h, (jb + 3) * LANES) + lanes_load(mass, slot[jb + 3] * LANES),
+                    lanes_load(h, (jb + 4) * LANES) + lanes_load(mass, slot[jb + 4] * LANES),
+                    lanes_load(h, (jb + 5) * LANES) + lanes_load(mass, slot[jb + 5] * LANES),
+                    lanes_load(h, (jb + 6) * LANES) + lanes_load(mass, slot[jb + 6] * LANES),
+                    lanes_load(h, (jb + 7) * LANES) + lanes_load(mass, slot[jb + 7] * LANES),
+                ))  # fmt: skip
+        return lanes_to_tuple(total)
+
+    return block
 
 
-@njit(fastmath=FASTMATH)
-def _chain_pow(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
-    return _chain_block(
-        p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft,
-        _lanes_cost_pow, _lanes_dcost_pow,
-    )  # fmt: skip
-
-
-@njit(fastmath=FASTMATH)
-def _tree_rho1(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
-):  # pragma: no cover
-    return _tree_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        slot,
-        leaf_w,
-        parent,
-        weight,
-        rho,
-        need_grad,
-        mass,
-        h,
-        g,
-        tail,
-        dots,
-        soft,
-        _lanes_cost_rho1,
-        _lanes_dcost_rho1,
-    )
-
-
-@njit(fastmath=FASTMATH)
-def _tree_rho2(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
-):  # pragma: no cover
-    return _tree_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        slot,
-        leaf_w,
-        parent,
-        weight,
-        rho,
-        need_grad,
-        mass,
-        h,
-        g,
-        tail,
-        dots,
-        soft,
-        _lanes_cost_rho2,
-        _lanes_dcost_rho2,
-    )
-
-
-@njit(fastmath=FASTMATH)
-def _tree_pow(
-    p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
-):  # pragma: no cover
-    return _tree_block(
-        p,
-        q_flat,
-        q_offsets,
-        labels,
-        n_cls,
-        slot,
-        leaf_w,
-        parent,
-        weight,
-        rho,
-        need_grad,
-        mass,
-        h,
-        g,
-        tail,
-        dots,
-        soft,
-        _lanes_cost_pow,
-        _lanes_dcost_pow,
-    )
+_chain_rho1 = _chain_block(_lanes_cost_rho1, _lanes_dcost_rho1)
+_chain_rho2 = _chain_block(_lanes_cost_rho2, _lanes_dcost_rho2)
+_chain_pow = _chain_block(_lanes_cost_pow, _lanes_dcost_pow)
+_tree_rho1 = _tree_block(_lanes_cost_rho1, _lanes_dcost_rho1, _cost_rho1, _dcost_rho1)
+_tree_rho2 = _tree_block(_lanes_cost_rho2, _lanes_dcost_rho2, _cost_rho2, _dcost_rho2)
+_tree_pow = _tree_block(_lanes_cost_pow, _lanes_dcost_pow, _cost_pow, _dcost_pow)
 
 
 #: The six block functions, in the order of the kernel's ``use_*`` arguments (see :func:`block_markers`).
@@ -394,7 +300,7 @@ def _lanes_kernel(
     dots = np.empty(LANES, dtype=np.float64)
     for b in range(first, end):
         for lane in range(LANES):
-            i = min(b * LANES + lane, n - 1)
+            i = b * LANES + lane if b * LANES + lane < n else n - 1  # min(): see row_ops._sign on why not
             labels[lane] = _label(y, i, n_cls, ignore_index)
             q_rows[lane] = (i if q.shape[0] > 1 else 0) * n_cls
             _probabilities(x, i, from_logits, p, lane * width)
@@ -416,7 +322,7 @@ def _lanes_kernel(
             total = _tree_rho2(*tree_args, *scratch)
         if use_tree_pow is not None:
             total = _tree_pow(*tree_args, *scratch)
-        for lane in range(min(LANES, n - b * LANES)):
+        for lane in range(LANES if n - b * LANES > LANES else n - b * LANES):
             i = b * LANES + lane
             if labels[lane] == IGNORED or labels[lane] == BAD_LABEL:
                 _skip_row(i, labels[lane], need_grad, loss, grad)

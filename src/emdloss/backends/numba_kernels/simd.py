@@ -67,7 +67,7 @@ def _bits_of_float(typingctx, x):  # pragma: no cover - compiled
 @njit(inline="always", fastmath=FASTMATH)
 def exp_f32(x):  # pragma: no cover - compiled
     """``exp(x)`` for float32 ``x <= 0`` (softmax arguments), Cephes ``expf``: x = n ln2 + r, |r| <= ln2/2."""
-    xc = max(x, _EXP_MIN)
+    xc = _EXP_MIN if x < _EXP_MIN else x  # max(x, _EXP_MIN), NaN kept (see _sign on why no max)
     n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
     r = xc - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)  # ln 2 in two parts: exact n*hi
     p = np.float32(1.9875691500e-4)
@@ -102,7 +102,8 @@ def _max_through_ints(row, lowest, shift, magnitude):  # pragma: no cover - comp
     top = lowest
     for j in range(row.shape[0]):
         b = _bits_of_float(row[j])
-        top = max(top, b ^ ((b >> shift) & magnitude))
+        ordered = b ^ ((b >> shift) & magnitude)
+        top = ordered if ordered > top else top  # max(top, ordered)
     return _float_from_bits(top ^ ((top >> shift) & magnitude), row[0])
 
 
