@@ -1,5 +1,5 @@
-"""First use of the fused kernels: the compile notice, and the choice between the calling thread and numba's
-parallel loop (same numbers either way, a forked child that runs its own parallel loops)."""
+"""First use of the fused kernels: the compile notice, numba's disk cache, and the choice between the calling
+thread and numba's parallel loop (same numbers either way, a forked child that runs its own parallel loops)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from _helpers import random_tree
 
 from emdloss import EMDLoss, Tree
-from emdloss.backends.numba_kernels import background_compile, compile_notice, threads
+from emdloss.backends.numba_kernels import background_compile, compile_notice, lane_kernels, one_row, threads
 from emdloss.functional import emd
 
 
@@ -34,6 +34,24 @@ def test_a_fast_first_call_logs_nothing(monkeypatch, caplog):
         compile_notice.call("cached variant", lambda: None)
     time.sleep(0.05)
     assert not [r for r in caplog.records if r.name == "emdloss"]
+
+
+def test_compiled_kernels_load_back_from_numbas_disk_cache():
+    """Each kernel variant this process compiled (or loaded) can be loaded from numba's disk cache, which is what
+    the next process does instead of compiling for seconds. A kernel that numba cannot cache (``cache=True``
+    dropped, or a closure or function-valued argument, which numba refuses to cache with a mere warning) fails
+    here."""
+    tree = Tree.chain(20)
+    x = torch.randn(16, 20, requires_grad=True)
+    y = torch.randint(0, 20, (16,))
+    emd(x, y, tree, rho=1.0, backend="numba").backward()  # the distance-matrix kernel
+    emd(x, y, tree, rho=2.0, backend="numba").backward()  # the lane kernel (8 rows and 16 classes or more)
+    emd(x[:3], y[:3], tree, rho=2.0, backend="numba").backward()  # the one-row kernel
+    for kernel in (one_row._distance_kernel, lane_kernels._lanes_kernel, one_row._rows_kernel):
+        assert kernel.overloads, kernel.py_func.__name__
+        for args in kernel.overloads:
+            loaded = kernel._cache.load_overload(tuple(args), kernel.targetctx)
+            assert loaded is not None, f"{kernel.py_func.__name__}{args} is not in numba's cache or cannot be loaded"
 
 
 def test_small_batches_stay_on_the_calling_thread_and_big_ones_go_parallel(monkeypatch):

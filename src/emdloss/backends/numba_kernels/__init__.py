@@ -14,6 +14,10 @@ All three compute the softmax themselves (:func:`.simd.exp_f32` keeps it vectori
 (``ignore_index`` rows: loss 0, gradient 0; out-of-range ones: loss NaN, never an out-of-bounds read) and
 write the gradient times ``scale``, so that the autograd Function around them does no work of its own.
 
+The kernels are compiled with ``cache=True`` (numba's disk cache: ``tests/test_first_use.py`` checks that every
+compiled variant loads back) and ``no_cfunc_wrapper=True``: they are never passed as first-class functions, so
+the C-function wrapper numba otherwise builds would only add to each first compile.
+
 The lane kernels rest on numba's extension API (:mod:`.lanes`); if they fail to import or compile, a
 :class:`~emdloss.backends.base.BackendWarning` says so once and the one-row kernel takes their batches. If
 that fails too, :class:`KernelFailure` tells the backend to hand the call to the reference backend.

@@ -107,13 +107,14 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
 # LLVM's time grows faster than linearly with function size, and six inlined copies took minutes to compile.
 # A call compiles only the block it runs (see block_markers). The factories close over the cost functions rather
 # than taking them as arguments of one ``inline="always"`` block: numba's inliner copies a block's IR at every
-# call site, about 0.5 s of each first compile.
+# call site, about 0.5 s of each first compile. The blocks are called only from compiled code, so numba builds
+# neither of its wrappers for them (``no_cpython_wrapper``, ``no_cfunc_wrapper``): another 0.1-0.3 s.
 
 
 def _chain_block(cost: Callable[..., Any], dcost: Callable[..., Any]) -> Callable[..., Any]:
     """The chain block for one lane cost pair (:func:`_lanes_cost_rho1` ...)."""
 
-    @njit(fastmath=FASTMATH)
+    @njit(fastmath=FASTMATH, no_cpython_wrapper=True)
     def block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
         """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
         width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
@@ -162,7 +163,7 @@ def _tree_block(
 ) -> Callable[..., Any]:
     """The tree block for one lane cost pair and its scalar twin (:func:`.row_ops._cost_rho1` ...)."""
 
-    @njit(fastmath=FASTMATH)
+    @njit(fastmath=FASTMATH, no_cpython_wrapper=True)
     def block(
         p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
     ):  # pragma: no cover
@@ -252,7 +253,7 @@ def block_markers(chain: bool, rho: float) -> tuple[bool | None, ...]:
     return tuple(True if name == wanted else None for name in BLOCKS)
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _lanes_kernel(
     first,
     end,
@@ -332,7 +333,7 @@ def _lanes_kernel(
                 _finish_gradient(p, lane * width, g[lane * width : lane * width + n_cls], from_logits, scale, grad, i)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
 def _lanes_parallel(
     n_blocks,
     threads,

@@ -14,7 +14,7 @@ from numba import njit
 from .simd import FASTMATH
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _row_sums_and_negatives(q, sums, negatives):  # pragma: no cover
     """Row sums of q (in float64) and counts of negative entries: vectorised loops (a running minimum would
     not be)."""
