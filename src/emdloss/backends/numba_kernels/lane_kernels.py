@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numba import njit, prange
@@ -39,7 +39,7 @@ from .row_ops import (
     _probabilities,
     _skip_row,
 )
-from .simd import FASTMATH
+from .simd import FASTMATH, kernel_njit
 from .tree_arrays import LANES, padded_width
 
 # The lane code below is unrolled by hand for eight lanes (tuples of 8, _row_offsets, the 8 x 8 transposes of
@@ -114,7 +114,7 @@ def _target_columns(q_flat, q_offsets, jb, n_cls, tail):  # pragma: no cover
 def _chain_block(cost: Callable[..., Any], dcost: Callable[..., Any]) -> Callable[..., Any]:
     """The chain block for one lane cost pair (:func:`_lanes_cost_rho1` ...)."""
 
-    @njit(fastmath=FASTMATH, no_cpython_wrapper=True)
+    @kernel_njit(fastmath=FASTMATH, no_cpython_wrapper=True, no_cfunc_wrapper=True)
     def block(p, q_flat, q_offsets, labels, n_cls, spacing, rho, need_grad, h, g, tail, soft):  # pragma: no cover
         """Losses (a LANES tuple) of LANES rows whose probabilities are ``p[lane * W : lane * W + C]`` (W = the padded
         width, ``spacing.shape[0]``). With ``need_grad``, ``g[lane * W + j]`` <- dL/dp_j of row lane; ``h`` (W * LANES)
@@ -152,7 +152,7 @@ def _chain_block(cost: Callable[..., Any], dcost: Callable[..., Any]) -> Callabl
                 lanes_store_columns(g, offsets, jb, (g0, g1, g2, g3, g4, g5, g6, acc))
         return lanes_to_tuple(total)
 
-    return block
+    return cast("Callable[..., Any]", block)  # a numba dispatcher
 
 
 def _tree_block(
@@ -163,7 +163,7 @@ def _tree_block(
 ) -> Callable[..., Any]:
     """The tree block for one lane cost pair and its scalar twin (:func:`.row_ops._cost_rho1` ...)."""
 
-    @njit(fastmath=FASTMATH, no_cpython_wrapper=True)
+    @kernel_njit(fastmath=FASTMATH, no_cpython_wrapper=True, no_cfunc_wrapper=True)
     def block(
         p, q_flat, q_offsets, labels, n_cls, slot, leaf_w, parent, weight, rho, need_grad, mass, h, g, tail, dots, soft
     ):  # pragma: no cover
@@ -225,7 +225,7 @@ def _tree_block(
                 ))  # fmt: skip
         return lanes_to_tuple(total)
 
-    return block
+    return cast("Callable[..., Any]", block)  # a numba dispatcher
 
 
 _chain_rho1 = _chain_block(_lanes_cost_rho1, _lanes_dcost_rho1)
@@ -253,7 +253,7 @@ def block_markers(chain: bool, rho: float) -> tuple[bool | None, ...]:
     return tuple(True if name == wanted else None for name in BLOCKS)
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
+@kernel_njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _lanes_kernel(
     first,
     end,
@@ -333,7 +333,7 @@ def _lanes_kernel(
                 _finish_gradient(p, lane * width, g[lane * width : lane * width + n_cls], from_logits, scale, grad, i)
 
 
-@njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
+@kernel_njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
 def _lanes_parallel(
     n_blocks,
     threads,

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .row_ops import BAD_LABEL, IGNORED, _cost, _dcost, _finish_gradient, _label, _probabilities, _skip_row
-from .simd import FASTMATH
+from .simd import FASTMATH, kernel_njit
 
 
 @njit(inline="always")
@@ -76,7 +76,7 @@ def sweep_markers(chain: bool) -> tuple[bool | None, bool | None]:
     return (True, None) if chain else (None, True)
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
+@kernel_njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _rows_kernel(
     first,
     end,
@@ -119,7 +119,7 @@ def _rows_kernel(
             _finish_gradient(p, 0, g, from_logits, scale, grad, i)
 
 
-@njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
+@kernel_njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
 def _rows_parallel(
     n,
     threads,
@@ -169,7 +169,7 @@ def _rows_parallel(
 # ---------------------------------------------------------------------- hard targets, rho = 1
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
+@kernel_njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _distance_kernel(
     first, end, x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad
 ):  # pragma: no cover
@@ -202,7 +202,7 @@ def _distance_kernel(
                     grad[i, j] = (row[j] - shift) * scale
 
 
-@njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
+@kernel_njit(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
 def _distance_parallel(
     n, threads, x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad
 ):  # pragma: no cover

@@ -26,6 +26,10 @@ from numba.extending import intrinsic, overload
 #: must propagate, since a NaN loss is how bad logits are detected.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+#: ``numba.njit`` for the kernels that take the CPU target's wrapper options (``no_cfunc_wrapper``,
+#: ``no_cpython_wrapper``), which numba's type stubs do not list.
+kernel_njit: Callable[..., Any] = njit
+
 _EXP_MIN = np.float32(-87.33654)  # exp of anything below underflows float32
 
 

@@ -9,12 +9,11 @@ that is memory-bound anyway.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from .simd import FASTMATH
+from .simd import FASTMATH, kernel_njit
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
+@kernel_njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)
 def _row_sums_and_negatives(q, sums, negatives):  # pragma: no cover
     """Row sums of q (in float64) and counts of negative entries: vectorised loops (a running minimum would
     not be)."""
