@@ -405,10 +405,13 @@ def test_class_counts_around_the_lane_width(kind, n_cls, kernel):
             assert_backends_agree(tree, target, rho, False, dtype)
 
 
-def test_lane_kernel_choice():
+def test_lane_kernel_choice(monkeypatch):
     """The lane kernel runs from LANES rows up while its scratch is cache-sized or at most the input; fewer
-    rows, or small batches of huge trees, go one row at a time."""
+    rows, or small batches of huge trees, go one row at a time. (Scratch is per thread: two here.)"""
+    from emdloss.backends.numba_kernels import lane_kernels
     from emdloss.backends.numba_kernels.lane_kernels import LANES, lanes_pay_off
+
+    monkeypatch.setattr(lane_kernels.kernel_threads, "threads", lambda: 2)
 
     assert not lanes_pay_off(LANES - 1, 1000, 372, 4)  # the lanes would repeat the last row
     assert lanes_pay_off(LANES, 1000, 372, 4) and lanes_pay_off(64, 1000, 372, 4)  # ImageNet-sized, any batch
