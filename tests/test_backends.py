@@ -16,6 +16,7 @@ from _helpers import random_simplex, random_tree
 
 from emdloss import EMDLoss, Tree, backends
 from emdloss._inputs import normalise
+from emdloss.backends.fused_cpu import _compute_dtype
 from emdloss.functional import emd
 
 RHOS = [1.0, 1.5, 2.0, 3.0]
@@ -127,11 +128,6 @@ def default_kernel_dtype(chain: bool, rho: float, soft: bool) -> torch.dtype:
     return torch.float64 if (int(chain) + exponent + int(soft)) % 2 else torch.float32
 
 
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the fused kernels compute ``dtype`` inputs in (half precisions go through float32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def reference_cases() -> list:
     """(kind, target, rho, from_logits, dtype) for :func:`test_fused_equals_reference`: the whole grid, the
     inputs whose kernel dtype is not their block's :func:`default_kernel_dtype` marked slow."""
@@ -142,7 +138,7 @@ def reference_cases() -> list:
                 default = default_kernel_dtype(kind == "chain", rho, target == "soft")
                 for from_logits in (True, False):
                     for dtype in DTYPES:
-                        marks = () if kernel_dtype(dtype) == default else (pytest.mark.slow,)
+                        marks = () if _compute_dtype(dtype) == default else (pytest.mark.slow,)
                         ids = f"{kind}-{target}-{rho}-{'logits' if from_logits else 'probs'}-{dtype}"
                         cases.append(pytest.param(kind, target, rho, from_logits, dtype, marks=marks, id=ids))
     return cases

@@ -301,7 +301,9 @@ def _lanes_kernel(
     dots = np.empty(LANES, dtype=np.float64)
     for b in range(first, end):
         for lane in range(LANES):
-            i = b * LANES + lane if b * LANES + lane < n else n - 1  # min(): see row_ops._sign on why not
+            i = b * LANES + lane
+            if i >= n:  # lanes past the last row repeat it (no min(): see row_ops._sign)
+                i = n - 1
             labels[lane] = _label(y, i, n_cls, ignore_index)
             q_rows[lane] = (i if q.shape[0] > 1 else 0) * n_cls
             _probabilities(x, i, from_logits, p, lane * width)
@@ -323,7 +325,8 @@ def _lanes_kernel(
             total = _tree_rho2(*tree_args, *scratch)
         if use_tree_pow is not None:
             total = _tree_pow(*tree_args, *scratch)
-        for lane in range(LANES if n - b * LANES > LANES else n - b * LANES):
+        rows_left = n - b * LANES
+        for lane in range(LANES if rows_left > LANES else rows_left):
             i = b * LANES + lane
             if labels[lane] == IGNORED or labels[lane] == BAD_LABEL:
                 _skip_row(i, labels[lane], need_grad, loss, grad)
