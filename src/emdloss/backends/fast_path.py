@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -46,19 +47,17 @@ def try_loss(
     fused kernel of ``fused`` (the registry's), or None when the call is not the common case described in the
     module docstring: the caller then takes the general path."""
     # Exact types: tensor subclasses (fake, functional or traced tensors) take the general path.
-    if type(input) is not Tensor or type(target) is not Tensor:
+    if type(input) is not Tensor or type(target) is not Tensor or tracing() or _jit_tracing():
         return None
     if input.dtype not in _FAST_DTYPES or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1:
         return None
     n, c = input.shape
-    if c != tree.num_classes or target.shape[0] != n or n == 0:
+    if c != tree.num_classes or target.shape[0] != n or n == 0 or not (input.is_cpu and target.is_cpu):
         return None
-    if input.device.type != "cpu" or target.device.type != "cpu" or tracing() or _jit_tracing():
+    kernels = fused.usable_kernels()
+    if kernels is None:  # numba missing, or its kernels failed here before
         return None
-    kernels = fused.kernels()
-    if kernels is None or fused.unavailable() is not None:  # numba missing, or its kernels failed here before
-        return None
-    check_loss_scale(loss_weight_sum(tree), input.dtype, rho)  # the general path's first check, and message
+    plan = tree.cached(("fast_path", rho, input.dtype), lambda: _checked_plan(kernels, tree, rho, input.dtype))
     labels = target.numpy()
     kept = n - int(np.count_nonzero(labels == ignore_index))
     if kept == 0:  # "mean" of nothing: the general path's NaN with a zero gradient
@@ -67,28 +66,36 @@ def try_loss(
     need_grad = input.requires_grad and torch.is_grad_enabled()
     x = input.detach().contiguous().numpy()
     try:
-        rows, grad = kernels.tree_rows(x, labels, None, tree, rho, True, need_grad, ignore_index, scale)
+        rows, grad = plan.rows(x, labels, None, True, need_grad, ignore_index, scale)
     except kernels.KernelFailure:
         return None  # the general path warns once and falls back to the reference backend
     total = float(rows.sum(dtype=np.float64))
     if not math.isfinite(total):
         return None
+    value = torch.scalar_tensor(total * scale, dtype=input.dtype)  # rounded once, as the general path does
     if not need_grad:
-        return torch.tensor(total * scale, dtype=input.dtype)
+        return value
     apply: Callable[..., Tensor] = _KernelGradient.apply  # torch leaves Function.apply untyped
-    return apply(input, total * scale, torch.from_numpy(grad))
+    return apply(input, value, torch.from_numpy(grad))
+
+
+def _checked_plan(kernels: ModuleType, tree: Tree, rho: float, dtype: torch.dtype) -> Any:
+    """The kernels' plan for class-index targets (:func:`.numba_kernels.plan`), after the general path's first
+    check, with its message: the tree's edge lengths must not overflow the dtype (raises, so nothing is cached)."""
+    check_loss_scale(loss_weight_sum(tree), dtype, rho)
+    return kernels.plan(tree, rho, np.dtype(np.float64 if dtype == torch.float64 else np.float32), False)
 
 
 class _KernelGradient(torch.autograd.Function):
-    """``x`` -> the 0-d loss ``value``, whose gradient with respect to ``x`` is ``grad`` (computed by the kernel,
-    already scaled by the reduction)."""
+    """``x`` -> the 0-d loss ``value`` (a tensor made for this call), whose gradient with respect to ``x`` is
+    ``grad`` (computed by the kernel, already scaled by the reduction)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, value: float, grad: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, value: Tensor, grad: Tensor) -> Tensor:
         # saved, not kept on ctx: autograd frees saved tensors after backward, so the gradient it gets back is
         # its only owner and is used in place, not copied into x.grad (a copy cost 0.3x cross-entropy at 256 x 1,000)
         ctx.save_for_backward(grad)
-        return torch.tensor(value, dtype=x.dtype)
+        return value
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:

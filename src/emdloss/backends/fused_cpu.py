@@ -104,6 +104,12 @@ class FusedCPUBackend(Backend):
                 self._kernels = numba_kernels
         return self._kernels
 
+    def usable_kernels(self) -> ModuleType | None:
+        """:meth:`kernels` while the backend is usable here (None once they failed to import or compile)."""
+        if self._kernels is None:
+            self.kernels()
+        return self._kernels if self._broken is None else None
+
     def _give_up(self, reason: str) -> None:
         self._broken = reason
         warnings.warn(f"emdloss: the fused CPU backend is unavailable: {reason}; using backend='torch'",

@@ -60,14 +60,14 @@ def load_lane_kernels() -> ModuleType | None:
     return _lanes_state["module"]
 
 
-def disable_lane_kernels(exc: BaseException) -> None:
-    """Use the one-row kernel from now on, after warning once why."""
+def disable_lane_kernels(exc: BaseException, stacklevel: int = 3) -> None:
+    """Use the one-row kernel from now on, after warning once why (``stacklevel``: as for ``warnings.warn``)."""
     _lanes_state["module"] = None
     warnings.warn(
         f"emdloss: the 8-row SIMD kernels are unavailable ({type(exc).__name__}: {exc}); using the one-row "
         "kernel (same results, slower on large batches)",
         BackendWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -91,78 +91,116 @@ def tree_rows(
     A label outside [0, C) (and not ``ignore_index``) gets a NaN loss, as do rows with NaN or +inf logits.
     Raises :class:`KernelFailure` if no kernel can run here.
     """
-    n, c = x.shape
-    loss = np.empty(n, dtype=x.dtype)  # summed in float64 in the kernels, rounded once
-    grad = np.empty((n, c) if need_grad else (0, c), dtype=x.dtype)
-    if n == 0:
+    return plan(tree, rho, x.dtype, soft is not None).rows(x, labels, soft, from_logits, need_grad, ignore_index, scale)
+
+
+def plan(tree: Tree, rho: float, dtype: np.dtype, soft: bool) -> RowPlan:
+    """The :class:`RowPlan` of ``tree``, ``rho``, the (numpy) ``dtype`` and the target kind, built once per tree."""
+    return tree.cached(("numba_plan", rho, dtype.char, soft), lambda: RowPlan(tree, rho, dtype, soft))
+
+
+class RowPlan:
+    """The kernel arguments that depend only on the tree, rho, the dtype and the target kind (the tree's index
+    arrays, the block markers...), gathered once and kept on the tree. A small batch whose serial kernel has run
+    before goes straight to it: on a 128 x 10 batch each Python call between the loss and the kernel cost about
+    0.1x cross-entropy's forward and backward."""
+
+    def __init__(self, tree: Tree, rho: float, dtype: np.dtype, soft: bool) -> None:
+        self.chain = tree.is_chain
+        self.rho = float(rho)
+        self.soft = soft
+        self.distance: tuple[np.ndarray, np.ndarray] | None = None
+        if not soft and rho == 1.0 and tree.num_classes <= DISTANCE_MATRIX_MAX_CLASSES:
+            self.distance = distance_rows(tree, dtype)
+        self.zero_row = zero_row(tree.num_classes, dtype)  # the "distribution" part of class-index targets
+        if self.chain:  # no leaf edges, no internal nodes
+            self.arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, chain_spacing(tree))
+        else:
+            it = InternalTree.cached(tree)
+            self.arrays = (it.slot, it.leaf_w, it.parent, it.weight)
+        self.n_internal = self.arrays[2].shape[0]
+        self.sweep = one_row.sweep_markers(self.chain)
+        lanes = load_lane_kernels()
+        self.lane_markers = None if lanes is None else (*lanes.block_markers(self.chain, rho), True if soft else None)
+        self.serial_ready: set[Hashable] = set()  # (kernel, variant) whose serial kernel has run in this process
+
+    def rows(
+        self,
+        x: np.ndarray,
+        labels: np.ndarray | None,
+        soft: np.ndarray | None,
+        from_logits: bool,
+        need_grad: bool,
+        ignore_index: int = -100,
+        scale: float = 1.0,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:func:`tree_rows` for this plan's tree, rho, dtype and target kind."""
+        n, c = x.shape
+        loss = np.empty(n, dtype=x.dtype)  # summed in float64 in the kernels, rounded once
+        grad = np.empty((n, c) if need_grad else (0, c), dtype=x.dtype)
+        if n:
+            self._run(x, labels, soft, from_logits, need_grad, ignore_index, scale, loss, grad)
         return loss, grad if need_grad else None
-    y = labels if labels is not None else np.empty(0, dtype=np.int64)
-    if soft is None and rho == 1.0 and c <= DISTANCE_MATRIX_MAX_CLASSES:
-        dist, depth = distance_rows(tree, x.dtype)
-        args: tuple[object, ...] = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
-        variant: Hashable = (x.dtype.char, from_logits, need_grad)
-        _run(one_row._distance_kernel, one_row._distance_parallel, n, n * c, *args, variant=variant)
-        return loss, grad if need_grad else None
-    q = soft if soft is not None else zero_row(c, x.dtype)
-    if tree.is_chain:
-        arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, chain_spacing(tree))  # no leaf edges, no internal nodes
-    else:
-        it = InternalTree.cached(tree)
-        arrays = (it.slot, it.leaf_w, it.parent, it.weight)
-    args = (
-        x,
-        q,
-        y,
-        ignore_index,
-        from_logits,
-        need_grad,
-        scale,
-        loss,
-        grad,
-        tree.is_chain,
-        *arrays,
-        float(rho),
-    )
-    work = n * (c + arrays[2].shape[0])
-    lanes = load_lane_kernels()
-    if lanes is not None and lanes.lanes_pay_off(n, c, arrays[2].shape[0], x.itemsize):
-        try:
-            n_blocks = -(-n // lanes.LANES)
-            markers = (*lanes.block_markers(tree.is_chain, rho), True if soft is not None else None)
+
+    def _run(
+        self,
+        x: np.ndarray,
+        labels: np.ndarray | None,
+        soft: np.ndarray | None,
+        from_logits: bool,
+        need_grad: bool,
+        ignore_index: int,
+        scale: float,
+        loss: np.ndarray,
+        grad: np.ndarray,
+    ) -> None:
+        n, c = x.shape
+        y = labels if labels is not None else _EMPTY_INT
+        if self.distance is not None:
+            dist, depth = self.distance
+            args: tuple[object, ...] = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
+            variant: Hashable = (x.dtype.char, from_logits, need_grad)
+            self._launch(one_row._distance_kernel, one_row._distance_parallel, n, n * c, args, variant)
+            return
+        q = soft if soft is not None else self.zero_row
+        args = (x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, self.chain, *self.arrays, self.rho)
+        work = n * (c + self.n_internal)
+        markers = self.lane_markers
+        lanes = load_lane_kernels() if markers is not None else None
+        if lanes is not None and markers is not None and lanes.lanes_pay_off(n, c, self.n_internal, x.itemsize):
             variant = (markers, x.dtype.char, from_logits, need_grad)
-            threads.run_rows(
-                lanes._lanes_kernel, lanes._lanes_parallel, n_blocks, work, *args, *markers, variant=variant
-            )
-            return loss, grad if need_grad else None
-        except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
-            disable_lane_kernels(exc)
-    sweep = one_row.sweep_markers(tree.is_chain)
-    _run(
-        one_row._rows_kernel,
-        one_row._rows_parallel,
-        n,
-        work,
-        *args,
-        *sweep,
-        variant=(sweep, x.dtype.char, soft is None, from_logits, need_grad),
-    )
-    return loss, grad if need_grad else None
+            try:
+                threads.run_rows(
+                    lanes._lanes_kernel, lanes._lanes_parallel, -(-n // lanes.LANES), work, *args, *markers,
+                    variant=variant,
+                )  # fmt: skip
+                return
+            except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
+                disable_lane_kernels(exc, stacklevel=6)
+        variant = (self.sweep, x.dtype.char, soft is None, from_logits, need_grad)
+        self._launch(one_row._rows_kernel, one_row._rows_parallel, n, work, (*args, *self.sweep), variant)
 
-
-def _run(
-    kernel: Callable[..., None],
-    parallel: Callable[..., None],
-    n_rows: int,
-    work: int,
-    *args: object,
-    variant: Hashable,
-) -> None:
-    """Run a one-row kernel over the rows; a failure (compilation: the kernels raise nothing at run time) is a
-    KernelFailure."""
-    try:
-        threads.run_rows(kernel, parallel, n_rows, work, *args, variant=variant)
-    except Exception as exc:
-        raise KernelFailure(f"{type(exc).__name__}: {exc}") from exc
+    def _launch(
+        self,
+        kernel: Callable[..., None],
+        parallel: Callable[..., None],
+        n_rows: int,
+        work: int,
+        args: tuple[object, ...],
+        variant: Hashable,
+    ) -> None:
+        """Run a one-row kernel over the rows (:func:`.threads.run_rows`), or straight on this thread for a small
+        batch whose variant has run before; a failure (compilation: the kernels raise nothing at run time) is a
+        KernelFailure."""
+        key = (kernel, variant)
+        if work < threads.PARALLEL_MIN_WORK and key in self.serial_ready:
+            kernel(0, n_rows, *args)
+            return
+        try:
+            threads.run_rows(kernel, parallel, n_rows, work, *args, variant=variant)
+        except Exception as exc:
+            raise KernelFailure(f"{type(exc).__name__}: {exc}") from exc
+        self.serial_ready.add(key)
 
 
 _EMPTY_INT = np.empty(0, dtype=np.int64)
