@@ -84,6 +84,31 @@ def test_the_module_and_a_non_default_gradient_take_the_short_path(monkeypatch, 
     assert torch.equal(fast_grad, x.grad)
 
 
+def test_the_module_checks_its_settings_again_after_any_change(spy):
+    """EMDLoss skips emd()'s option checks while its settings are those it checked: a setting changed later is
+    checked (its error) and used (a weight or a reduction leaves the short path) on the next call."""
+    tree = Tree.chain(5)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    criterion = EMDLoss(tree, rho=2.0)
+    assert torch.equal(criterion(x, y), emd(x, y, tree, rho=2.0)) and spy == [True, True]
+    criterion.rho = -1.0
+    with pytest.raises(ValueError, match="rho"):
+        criterion(x, y)
+    criterion.rho = 1.0
+    assert torch.equal(criterion(x, y), emd(x, y, tree, rho=1.0))
+    criterion.weight = torch.rand(5, generator=gen)
+    assert torch.equal(criterion(x, y), emd(x, y, tree, weight=criterion.weight))
+    criterion.weight, criterion.reduction = None, "none"
+    assert criterion(x, y).shape == (6,)
+    criterion.tree = "chain"
+    with pytest.raises(TypeError, match=r"tree must be an emdloss\.Tree"):
+        criterion(x, y)
+    spy.clear()
+    criterion.tree, criterion.reduction = tree, "sum"
+    assert torch.equal(criterion(x, y), emd(x, y, tree, reduction="sum")) and spy == [True, True]
+
+
 def test_without_gradients_the_short_path_returns_a_plain_tensor(spy):
     tree = Tree.chain(6)
     x = torch.randn(8, 6, requires_grad=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _inputs, functional
+from . import _inputs, backends, functional
 from .functional import emd, sinkhorn
 from .tree import Tree
 
@@ -95,6 +95,11 @@ class EMDLoss(nn.Module):
     """
 
     weight: Tensor | None
+    #: The fast path's arguments ``(backend, tree, rho, reduction, ignore_index)`` when the settings were checked
+    #: since they last changed and are those of the common call (no class weights, no smoothing, logits, reduced):
+    #: :meth:`forward` then skips :func:`~emdloss.functional.emd`'s checks; False for other settings; None: to
+    #: check (any attribute set resets it; a criterion pickled before it existed reads this class default).
+    _fast_settings: tuple[str, Tree, float, str, int] | bool | None = None
 
     def __init__(
         self,
@@ -137,7 +142,22 @@ class EMDLoss(nn.Module):
             # the (C, C) table, built now (numpy, cached on the tree): torch.compile cannot trace its construction
             functional._tree_kernel(tree, self.smoothing_scale)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name != "_fast_settings":
+            object.__setattr__(self, "_fast_settings", None)  # a plain attribute: no need for nn.Module's bookkeeping
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        settings = self._fast_settings
+        if settings is None:
+            settings = self._fast_settings = self._check_fast_settings()
+        if isinstance(
+            settings, tuple
+        ):  # the most common call, with the least Python around the kernel (emdloss.backends.fast_path)
+            backend, tree, rho, reduction, ignore_index = settings
+            fast = backends.fast_loss(backend, input, target, tree, rho, reduction, ignore_index)
+            if fast is not None:
+                return fast
         return emd(
             input,
             target,
@@ -153,6 +173,16 @@ class EMDLoss(nn.Module):
             validate=self.validate,
             backend=self.backend,
         )
+
+    def _check_fast_settings(self) -> tuple[str, Tree, float, str, int] | bool:
+        """:attr:`_fast_settings` for the current settings, after :func:`emd`'s checks of them (their errors)."""
+        rho, ignore_index, label_smoothing, _, _ = functional.check_options(
+            self.rho, self.reduction, self.ignore_index, self.label_smoothing, self.smoothing,
+            self.smoothing_scale, self.validate, self.backend, self.from_logits,
+        )  # fmt: skip
+        if not isinstance(self.tree, Tree) or self.weight is not None or label_smoothing or not self.from_logits:
+            return False
+        return (self.backend, self.tree, rho, self.reduction, ignore_index) if self.reduction != "none" else False
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this on every submodule first: refuse with a message naming the alternatives
