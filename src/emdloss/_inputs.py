@@ -336,8 +336,10 @@ def all_finite(x: Tensor) -> bool:
 
 def functorch_active() -> bool:
     """True inside a torch.func transform (grad, vmap, ...); False on torch versions without the query."""
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_functorch_transforms_active())
+
+
+_functorch_transforms_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def tracing() -> bool:

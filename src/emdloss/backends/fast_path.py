@@ -5,9 +5,9 @@ or "sum", no class weights, no label smoothing, outside any tracing: the general
 flattening in :mod:`emdloss._inputs`, the registry, :mod:`.fused_cpu`'s autograd Function) spends 150-200 us
 of Python and torch calls around a kernel that takes 10-20 us on a 128 x 10 batch, which made small ordinal
 problems cost 3x cross-entropy. :func:`try_loss` does only what this case needs: a few type and shape tests,
-one count of the ignored rows, the same kernel call and the same float64 sum as :class:`.fused_cpu.FusedCPUBackend`
-(so the same numbers, bit for bit: ``tests/test_fast_path.py``), and a one-line autograd node that hands back the
-gradient the kernel wrote.
+one count of the ignored rows, the same kernel call and the same sum (:func:`.fused_cpu.sum_rows`) as
+:class:`.fused_cpu.FusedCPUBackend` (so the same numbers, bit for bit: ``tests/test_fast_path.py``), and a
+one-line autograd node that hands back the gradient the kernel wrote.
 
 It never raises a check of its own: for anything else, or when the loss comes out non-finite (a label out of
 range, a NaN or +inf logit), it returns None and the caller runs the general path, which computes the call
@@ -29,7 +29,7 @@ from torch import Tensor
 from .._inputs import _jit_tracing, check_loss_scale, tracing
 from ..tree import Tree
 from .base import loss_weight_sum
-from .fused_cpu import SECOND_DERIVATIVE_MESSAGE, FusedCPUBackend
+from .fused_cpu import EXACT_SUM_MAX_ROWS, SECOND_DERIVATIVE_MESSAGE, FusedCPUBackend, sum_rows
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -59,7 +59,12 @@ def try_loss(
         return None
     plan = tree.cached(("fast_path", rho, input.dtype), lambda: _checked_plan(kernels, tree, rho, input.dtype))
     labels = target.numpy()
-    kept = n - int(np.count_nonzero(labels == ignore_index))
+    # a list's count is cheaper than numpy's for small batches (as in sum_rows); exact either way
+    kept = n - (
+        labels.tolist().count(ignore_index)
+        if n <= EXACT_SUM_MAX_ROWS
+        else int(np.count_nonzero(labels == ignore_index))
+    )
     if kept == 0:  # "mean" of nothing: the general path's NaN with a zero gradient
         return None
     scale = 1.0 / kept if reduction == "mean" else 1.0
@@ -69,7 +74,7 @@ def try_loss(
         rows, grad = plan.rows(x, labels, None, True, need_grad, ignore_index, scale)
     except kernels.KernelFailure:
         return None  # the general path warns once and falls back to the reference backend
-    total = float(rows.sum(dtype=np.float64))
+    total = sum_rows(rows)
     if not math.isfinite(total):
         return None
     value = torch.scalar_tensor(total * scale, dtype=input.dtype)  # rounded once, as the general path does

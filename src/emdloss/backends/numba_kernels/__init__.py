@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from types import ModuleType
 
 import numpy as np
@@ -120,8 +120,7 @@ class RowPlan:
             self.arrays = (it.slot, it.leaf_w, it.parent, it.weight)
         self.n_internal = self.arrays[2].shape[0]
         self.sweep = one_row.sweep_markers(self.chain)
-        lanes = load_lane_kernels()
-        self.lane_markers = None if lanes is None else (*lanes.block_markers(self.chain, rho), True if soft else None)
+        self.lane_markers: tuple[bool | None, ...] | None = None  # set when the lane kernel first runs
         self.serial_ready: set[Hashable] = set()  # (kernel, variant) whose serial kernel has run in this process
 
     def rows(
@@ -138,69 +137,68 @@ class RowPlan:
         n, c = x.shape
         loss = np.empty(n, dtype=x.dtype)  # summed in float64 in the kernels, rounded once
         grad = np.empty((n, c) if need_grad else (0, c), dtype=x.dtype)
-        if n:
-            self._run(x, labels, soft, from_logits, need_grad, ignore_index, scale, loss, grad)
-        return loss, grad if need_grad else None
-
-    def _run(
-        self,
-        x: np.ndarray,
-        labels: np.ndarray | None,
-        soft: np.ndarray | None,
-        from_logits: bool,
-        need_grad: bool,
-        ignore_index: int,
-        scale: float,
-        loss: np.ndarray,
-        grad: np.ndarray,
-    ) -> None:
-        n, c = x.shape
+        if n == 0:
+            return loss, grad if need_grad else None
         y = labels if labels is not None else _EMPTY_INT
         if self.distance is not None:
-            dist, depth = self.distance
-            args: tuple[object, ...] = (x, y, ignore_index, dist, depth, from_logits, need_grad, scale, loss, grad)
+            kernel, parallel, work = one_row._distance_kernel, one_row._distance_parallel, n * c
+            args: tuple[object, ...] = (x, y, ignore_index, *self.distance, from_logits, need_grad, scale, loss, grad)
             variant: Hashable = (x.dtype.char, from_logits, need_grad)
-            self._launch(one_row._distance_kernel, one_row._distance_parallel, n, n * c, args, variant)
-            return
-        q = soft if soft is not None else self.zero_row
-        args = (x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, self.chain, *self.arrays, self.rho)
-        work = n * (c + self.n_internal)
-        markers = self.lane_markers
-        lanes = load_lane_kernels() if markers is not None else None
-        if lanes is not None and markers is not None and lanes.lanes_pay_off(n, c, self.n_internal, x.itemsize):
-            variant = (markers, x.dtype.char, from_logits, need_grad)
-            try:
-                threads.run_rows(
-                    lanes._lanes_kernel, lanes._lanes_parallel, -(-n // lanes.LANES), work, *args, *markers,
-                    variant=variant,
-                )  # fmt: skip
-                return
-            except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
-                disable_lane_kernels(exc, stacklevel=6)
-        variant = (self.sweep, x.dtype.char, soft is None, from_logits, need_grad)
-        self._launch(one_row._rows_kernel, one_row._rows_parallel, n, work, (*args, *self.sweep), variant)
-
-    def _launch(
-        self,
-        kernel: Callable[..., None],
-        parallel: Callable[..., None],
-        n_rows: int,
-        work: int,
-        args: tuple[object, ...],
-        variant: Hashable,
-    ) -> None:
-        """Run a one-row kernel over the rows (:func:`.threads.run_rows`), or straight on this thread for a small
-        batch whose variant has run before; a failure (compilation: the kernels raise nothing at run time) is a
-        KernelFailure."""
+        else:
+            q = soft if soft is not None else self.zero_row
+            args = (
+                x,
+                q,
+                y,
+                ignore_index,
+                from_logits,
+                need_grad,
+                scale,
+                loss,
+                grad,
+                self.chain,
+                *self.arrays,
+                self.rho,
+            )
+            work = n * (c + self.n_internal)
+            if self._ran_lanes(n, c, work, args, from_logits, need_grad):
+                return loss, grad if need_grad else None
+            kernel, parallel = one_row._rows_kernel, one_row._rows_parallel
+            args = (*args, *self.sweep)
+            variant = (self.sweep, x.dtype.char, soft is None, from_logits, need_grad)
         key = (kernel, variant)
-        if work < threads.PARALLEL_MIN_WORK and key in self.serial_ready:
-            kernel(0, n_rows, *args)
-            return
+        if work < threads.PARALLEL_MIN_WORK and key in self.serial_ready:  # straight to the compiled kernel
+            kernel(0, n, *args)
+            return loss, grad if need_grad else None
         try:
-            threads.run_rows(kernel, parallel, n_rows, work, *args, variant=variant)
-        except Exception as exc:
+            threads.run_rows(kernel, parallel, n, work, *args, variant=variant)
+        except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
             raise KernelFailure(f"{type(exc).__name__}: {exc}") from exc
         self.serial_ready.add(key)
+        return loss, grad if need_grad else None
+
+    def _ran_lanes(
+        self, n: int, c: int, work: int, args: tuple[object, ...], from_logits: bool, need_grad: bool
+    ) -> bool:
+        """Run the lane kernel if it pays off for this batch (:func:`.lane_kernels.lanes_pay_off`) and compiles;
+        False if the one-row kernel should run instead."""
+        lanes = load_lane_kernels()
+        x = args[0]
+        assert isinstance(x, np.ndarray)
+        if lanes is None or not lanes.lanes_pay_off(n, c, self.n_internal, x.itemsize):
+            return False
+        if self.lane_markers is None:
+            self.lane_markers = (*lanes.block_markers(self.chain, self.rho), True if self.soft else None)
+        markers = self.lane_markers
+        try:
+            threads.run_rows(
+                lanes._lanes_kernel, lanes._lanes_parallel, -(-n // lanes.LANES), work, *args, *markers,
+                variant=(markers, x.dtype.char, from_logits, need_grad),
+            )  # fmt: skip
+        except Exception as exc:  # the kernels raise nothing at run time: this is a compilation failure
+            disable_lane_kernels(exc, stacklevel=5)
+            return False
+        return True
 
 
 _EMPTY_INT = np.empty(0, dtype=np.int64)
