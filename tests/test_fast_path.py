@@ -3,6 +3,8 @@ bit for bit when it is, and the general path's errors and results whenever the c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,22 @@ def test_the_short_path_gives_the_general_paths_numbers_bit_for_bit(monkeypatch,
     general = _general(monkeypatch, x, y, tree, rho=rho, reduction=reduction)
     assert fast[0].dtype == general[0].dtype == dtype
     assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+
+
+@pytest.mark.parametrize("rows", [1024, 1025])  # math.fsum over a list, then numpy's pairwise sum (sum_rows)
+def test_both_ways_of_summing_the_rows_agree_between_the_paths(monkeypatch, spy, rows):
+    from emdloss.backends import fused_cpu
+
+    tree = Tree.chain(5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 5, generator=gen) * 3
+    y = torch.randint(0, 5, (rows,), generator=gen)
+    fast = _loss_and_grad(x, y, tree, rho=2.0, reduction="sum")
+    general = _general(monkeypatch, x, y, tree, rho=2.0, reduction="sum")
+    assert spy == [True] and torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    per_row = emd(x, y, tree, rho=2.0, reduction="none").numpy()
+    small = rows <= fused_cpu.EXACT_SUM_MAX_ROWS
+    assert fused_cpu.sum_rows(per_row) == (math.fsum(per_row.tolist()) if small else per_row.sum(dtype=np.float64))
 
 
 def test_the_module_and_a_non_default_gradient_take_the_short_path(monkeypatch, spy):

@@ -77,6 +77,25 @@ def test_small_batches_stay_on_the_calling_thread_and_big_ones_go_parallel(monke
     ]
 
 
+@pytest.mark.parametrize("rho", [1.0, 2.0])  # the distance-matrix and the one-row kernel
+def test_a_small_batch_seen_before_goes_straight_to_its_kernel_with_the_same_numbers(monkeypatch, rho):
+    """The row plan skips run_rows (and the compile notice) for a small batch whose serial kernel has run."""
+    from emdloss.backends import numba_kernels
+
+    tree = Tree.chain(7)
+    gen = np.random.default_rng(4)
+    x, y = gen.normal(size=(9, 7)).astype(np.float32), gen.integers(0, 7, 9)
+    first = numba_kernels.tree_rows(x, y, None, tree, rho, True, True, -100, 0.25)
+    routed: list = []
+    original = threads.run_rows
+    monkeypatch.setattr(threads, "run_rows", lambda *a, **k: routed.append(a[0]) or original(*a, **k))
+    again = numba_kernels.tree_rows(x, y, None, tree, rho, True, True, -100, 0.25)
+    no_grad = numba_kernels.tree_rows(x, y, None, tree, rho, True, False, -100, 0.25)  # another variant
+    assert len(routed) == 1  # only the variant not seen before went through run_rows
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert np.array_equal(first[0], no_grad[0]) and no_grad[1] is None
+
+
 def test_a_big_first_call_runs_on_the_calling_thread_while_its_twin_compiles(monkeypatch):
     from numba import njit, prange
 
