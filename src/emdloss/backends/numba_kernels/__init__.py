@@ -147,19 +147,8 @@ class RowPlan:
         else:
             q = soft if soft is not None else self.zero_row
             args = (
-                x,
-                q,
-                y,
-                ignore_index,
-                from_logits,
-                need_grad,
-                scale,
-                loss,
-                grad,
-                self.chain,
-                *self.arrays,
-                self.rho,
-            )
+                x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, self.chain, *self.arrays, self.rho
+            )  # fmt: skip
             work = n * (c + self.n_internal)
             if self._ran_lanes(n, c, work, args, from_logits, need_grad):
                 return loss, grad if need_grad else None
