@@ -151,9 +151,8 @@ class EMDLoss(nn.Module):
         settings = self._fast_settings
         if settings is None:
             settings = self._fast_settings = self._check_fast_settings()
-        if isinstance(
-            settings, tuple
-        ):  # the most common call, with the least Python around the kernel (emdloss.backends.fast_path)
+        # the most common call, with the least Python around the kernel (emdloss.backends.fast_path)
+        if isinstance(settings, tuple):
             backend, tree, rho, reduction, ignore_index = settings
             fast = backends.fast_loss(backend, input, target, tree, rho, reduction, ignore_index)
             if fast is not None:
