@@ -25,7 +25,6 @@ that fails too, :class:`KernelFailure` tells the backend to hand the call to the
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Hashable
 from types import ModuleType
@@ -112,7 +111,8 @@ class RowPlan:
         self.distance: tuple[np.ndarray, np.ndarray] | None = None
         if not soft and rho == 1.0 and tree.num_classes <= DISTANCE_MATRIX_MAX_CLASSES:
             self.distance = distance_rows(tree, dtype)
-        self.zero_row = zero_row(tree.num_classes, dtype)  # the "distribution" part of class-index targets
+        # the "distribution" part of class-index targets (see .row_ops)
+        self.zero_row = np.zeros((1, tree.num_classes), dtype=dtype)
         if self.chain:  # no leaf edges, no internal nodes
             self.arrays = (_EMPTY_INT, _EMPTY_FLOAT, _EMPTY_INT, chain_spacing(tree))
         else:
@@ -150,7 +150,7 @@ class RowPlan:
                 x, q, y, ignore_index, from_logits, need_grad, scale, loss, grad, self.chain, *self.arrays, self.rho
             )  # fmt: skip
             work = n * (c + self.n_internal)
-            if self._ran_lanes(n, c, work, args, from_logits, need_grad):
+            if self._ran_lanes(x, work, args, from_logits, need_grad):
                 return loss, grad if need_grad else None
             kernel, parallel = one_row._rows_kernel, one_row._rows_parallel
             args = (*args, *self.sweep)
@@ -167,13 +167,12 @@ class RowPlan:
         return loss, grad if need_grad else None
 
     def _ran_lanes(
-        self, n: int, c: int, work: int, args: tuple[object, ...], from_logits: bool, need_grad: bool
+        self, x: np.ndarray, work: int, args: tuple[object, ...], from_logits: bool, need_grad: bool
     ) -> bool:
-        """Run the lane kernel if it pays off for this batch (:func:`.lane_kernels.lanes_pay_off`) and compiles;
-        False if the one-row kernel should run instead."""
+        """Run the lane kernel on ``args`` (the one-row kernel's, for the logits ``x``) if it pays off for this
+        batch (:func:`.lane_kernels.lanes_pay_off`) and compiles; False if the one-row kernel should run instead."""
         lanes = load_lane_kernels()
-        x = args[0]
-        assert isinstance(x, np.ndarray)
+        n, c = x.shape
         if lanes is None or not lanes.lanes_pay_off(n, c, self.n_internal, x.itemsize):
             return False
         if self.lane_markers is None:
@@ -192,9 +191,3 @@ class RowPlan:
 
 _EMPTY_INT = np.empty(0, dtype=np.int64)
 _EMPTY_FLOAT = np.empty(0, dtype=np.float64)
-
-
-@functools.lru_cache(maxsize=32)
-def zero_row(n_cls: int, dtype: np.dtype) -> np.ndarray:
-    """A (1, C) row of zeros: the "distribution" part of class-index targets (see :mod:`.row_ops`)."""
-    return np.zeros((1, n_cls), dtype=dtype)
