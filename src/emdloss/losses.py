@@ -179,9 +179,10 @@ class EMDLoss(nn.Module):
             self.rho, self.reduction, self.ignore_index, self.label_smoothing, self.smoothing,
             self.smoothing_scale, self.validate, self.backend, self.from_logits,
         )  # fmt: skip
-        if not isinstance(self.tree, Tree) or self.weight is not None or label_smoothing or not self.from_logits:
+        common = isinstance(self.tree, Tree) and self.weight is None and not label_smoothing and self.from_logits
+        if not common or self.reduction == "none":
             return False
-        return (self.backend, self.tree, rho, self.reduction, ignore_index) if self.reduction != "none" else False
+        return (self.backend, self.tree, rho, self.reduction, ignore_index)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this on every submodule first: refuse with a message naming the alternatives
